@@ -1,0 +1,1 @@
+"""Emulation-based self-supervised learning: an emulator conditioned on a weight embedding imitates the member."""

@@ -1,0 +1,51 @@
+"""Pieces every mechanistic encoder shares: an MLP head, the unit-norm embedding, and
+random hidden-neuron permutation augmentation.
+
+Kept apart so that each encoder file holds only what makes it different.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from rnnrep.lstm import LSTMSpec, permute_hidden, random_permutations
+
+
+def mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """Linear layers with ReLU between them and none after the last.
+
+    `sizes = (in, h1, ..., out)`: `len(sizes) - 1` Linear layers. The head emits raw
+    scores that are L2-normalised afterwards, so a final activation would only
+    throw away directions.
+    """
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        if i > 0:
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+def unit_norm(z: Tensor) -> Tensor:
+    """The embedding lives on the unit sphere (the reference's `normalize_embedding`)."""
+    return nn.functional.normalize(z, dim=-1)
+
+
+def permute_randomly(spec: LSTMSpec, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Each member of `params[B, P]` with its own random hidden-neuron permutation.
+
+    The permuted member computes the same function, so it is another sample of the
+    same data point: encoders that are not permutation invariant by construction
+    (flat MLP, parameter transformer) learn the symmetry from it. One permutation per
+    member (the reference draws one per batch) gives more distinct samples per step.
+    """
+    perms = random_permutations(spec, params.shape[0], generator=generator)
+    return permute_hidden(spec, params, [p.to(params.device) for p in perms])
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Trainable parameters: the number the paper's parameter budgets compare."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -1,0 +1,179 @@
+"""Training zoo members, many at once.
+
+K members train together: their flat parameters are one [K, P] tensor, the forward
+is `rnnrep.lstm.forward` (batched matmuls over members), and one Adam over that
+tensor is K independent AdamW optimisers, because Adam is elementwise and the
+decoupled weight decay is applied per member (MNIST members each draw their own).
+
+Each member owns a `torch.Generator` seeded from (zoo seed, member_id): its init,
+its training data and its rollouts come from it alone, so a member's result does
+not depend on which other members it shared a batch with.
+
+Training follows the reference exactly: update s (s = 0..steps) uses the learning
+rate of schedule(s - 1) (the reference sets it after each step), and the snapshot
+at step s is taken after update s, so "step 0" is the member after one update.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rnnrep import lstm
+from rnnrep.config import ZooConfig
+from rnnrep.tasks import formal_languages as fl
+
+
+@dataclass(frozen=True)
+class MemberPlan:
+    """What a member is, fixed before it trains: derived from (zoo seed, member_id)."""
+
+    member_id: int
+    seed: int
+    task: tuple[float, ...]  # FL: (m_b, m_c, m_d); MNIST: (angle,)
+    weight_decay: float
+
+
+def plan_member(cfg: ZooConfig, member_id: int) -> MemberPlan:
+    seq = np.random.SeedSequence([cfg.seed, member_id])
+    seed = int(seq.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+    rng = np.random.default_rng(seq.spawn(1)[0])
+    if cfg.task == "formal-languages":
+        task = tuple(float(v) for v in rng.integers(-3, 3, size=3))
+    else:
+        task = (float(rng.uniform(0.0, 360.0)),)
+    weight_decay = float(cfg.weight_decay[rng.integers(len(cfg.weight_decay))])
+    return MemberPlan(member_id, seed, task, weight_decay)
+
+
+def lr_at(cfg: ZooConfig, step: int) -> float:
+    """Piecewise linear: lr[0] at 0, lr[1] at steps/2, lr[2] at steps (the paper's 0/10k/20k)."""
+    t = (0.0, cfg.steps / 2, float(cfg.steps))
+    v = cfg.lr
+    if step < t[1]:
+        return v[0] + (v[1] - v[0]) * step / t[1]
+    if step < t[2]:
+        return v[1] + (v[2] - v[1]) * (step - t[1]) / (t[2] - t[1])
+    return v[2]
+
+
+@dataclass
+class Snapshot:
+    """One snapshot of K members: arrays with a leading member axis."""
+
+    step: int
+    index: int
+    params: np.ndarray  # float32 [K, P]
+    rollouts: dict[str, np.ndarray]  # FL: sequences; MNIST: inputs, labels
+    logits: np.ndarray  # float16 [K, R, T, O]
+    metrics: dict[str, np.ndarray]  # float32 [K] each
+
+
+class Task:
+    """What a batch of members learns: training batches and snapshot evaluation."""
+
+    def train_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def evaluate(self, flat: Tensor) -> tuple[dict[str, np.ndarray], np.ndarray, dict[str, np.ndarray]]:
+        raise NotImplementedError
+
+
+class FormalLanguageTask(Task):
+    BLOCK = 256  # steps of training strings drawn at once per member
+
+    def __init__(self, cfg: ZooConfig, plans: list[MemberPlan], generators: list[torch.Generator], device):
+        self.cfg, self.gens, self.device = cfg, generators, device
+        self.offsets = torch.tensor([p.task for p in plans], dtype=torch.long)
+        self._block_start, self._block = -1, None
+
+    def train_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        start = step - step % self.BLOCK
+        if start != self._block_start:
+            n = torch.stack(
+                [fl.sample_n(m, (self.BLOCK, self.cfg.batch_size), g) for m, g in zip(self.offsets, self.gens)]
+            )  # [K, S, B]
+            self._block = fl.strings_from_n(n, self.offsets[:, None, None, :]).to(self.device)
+            self._block_start = start
+        tokens = self._block[:, step - start]  # [K, B, 42]
+        x = F.one_hot(tokens[..., :-1], fl.VOCAB).float()
+        return x, tokens[..., 1:]
+
+    @torch.no_grad()
+    def evaluate(self, flat: Tensor):
+        """Sample `eval_samples` strings per member from BOS; keep the first `rollouts`."""
+        cfg, spec = self.cfg, self.cfg.spec
+        K, N, T = flat.shape[0], cfg.eval_samples, fl.SEQ_LEN - 1
+        # inverse-CDF sampling from per-member uniforms keeps each member's stream its own
+        u = torch.stack([torch.rand(N, T, generator=g) for g in self.gens]).to(flat.device)
+        tokens = torch.full((K, N, 1), fl.BOS, dtype=torch.long, device=flat.device)
+        state, logps = None, []
+        for t in range(T):
+            x = F.one_hot(tokens[..., -1], fl.VOCAB).float()
+            out, state = lstm.step(spec, flat, x, state)
+            logp = torch.log_softmax(out, dim=-1)
+            cdf = logp.exp().cumsum(-1)
+            nxt = (cdf < u[:, :, t, None] * cdf[..., -1:]).sum(-1).clamp_max(fl.VOCAB - 1)
+            tokens = torch.cat([tokens, nxt.unsqueeze(-1)], dim=-1)
+            logps.append(logp[:, : cfg.rollouts])
+        correct, _, strict = fl.accept(tokens, self.offsets.to(flat.device)[:, None, :])
+        R = cfg.rollouts
+        rollouts = {"sequences": tokens[:, :R].to(torch.int8).cpu().numpy()}
+        logits = torch.stack(logps, dim=2).to(torch.float16).cpu().numpy()  # [K, R, T, O]
+        metrics = {
+            "accuracy": correct.float().mean(1).cpu().numpy(),
+            "strict_accuracy": strict.float().mean(1).cpu().numpy(),
+        }
+        return rollouts, logits, metrics
+
+
+def make_task(cfg: ZooConfig, plans, generators, device) -> Task:
+    if cfg.task == "formal-languages":
+        return FormalLanguageTask(cfg, plans, generators, device)
+    from rnnrep.zoo.mnist_members import MnistTask
+
+    return MnistTask(cfg, plans, generators, device)
+
+
+def train_members(
+    cfg: ZooConfig,
+    plans: list[MemberPlan],
+    device: str | torch.device = "cpu",
+    on_step: Callable[[int], None] | None = None,
+) -> Iterator[Snapshot]:
+    """Train `plans` together; yield a `Snapshot` of all of them at each snapshot step."""
+    spec = cfg.spec
+    gens = [torch.Generator().manual_seed(p.seed) for p in plans]
+    flat = lstm.init_params(spec, gens).to(device).requires_grad_()
+    task = make_task(cfg, plans, gens, device)
+    decay = torch.tensor([p.weight_decay for p in plans], dtype=torch.float64, device=device)
+    opt = torch.optim.Adam([flat], lr=cfg.lr[0], betas=(0.9, 0.999), eps=1e-8, foreach=False)
+    snapshots = set(cfg.snapshot_steps)
+    index = 0
+    for s in range(cfg.steps + 1):
+        lr = lr_at(cfg, max(s - 1, 0))
+        x, y = task.train_batch(s)
+        logits, _ = lstm.forward(spec, flat, x)
+        K = logits.shape[0]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
+        loss = ce.view(K, -1).mean(1).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():  # AdamW's decoupled decay, one rate per member
+            flat.mul_((1.0 - lr * decay).to(flat.dtype).unsqueeze(1))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        if on_step is not None:
+            on_step(s)
+        if s in snapshots:
+            params = flat.detach()
+            rollouts, out_logits, metrics = task.evaluate(params)
+            yield Snapshot(s, index, params.cpu().numpy().copy(), rollouts, out_logits, metrics)
+            index += 1
+
