@@ -27,6 +27,7 @@ from torch import Tensor
 from rnnrep import lstm
 from rnnrep.config import ZooConfig
 from rnnrep.tasks import formal_languages as fl
+from rnnrep.tasks import sequential_mnist as mnist
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,97 @@ class FormalLanguageTask(Task):
         return rollouts, logits, metrics
 
 
+class MnistTask(Task):
+    """Rotated sequential MNIST: each member sees every digit rotated by its own angle.
+
+    Rotation and tiling are one gather per batch (`sequential_mnist.make_inputs`), so
+    nothing per member is precomputed beyond a 784-entry index. Epochs reshuffle the
+    training split with the member's generator; a last partial batch is dropped so all
+    members step together (the reference's loader keeps it: one batch per epoch).
+    """
+
+    EVAL_CHUNK = 250
+
+    def __init__(self, cfg: ZooConfig, plans: list[MemberPlan], generators: list[torch.Generator], device):
+        self.cfg, self.gens, self.device = cfg, generators, device
+        images, labels = load_digits_cached(cfg.mnist_source)
+        self.images = images.reshape(len(images), -1).to(device)
+        self.labels = labels.to(device)
+        self.train_idx, self.eval_idx = (i.to(device) for i in mnist.split_indices(len(images)))
+        angles = torch.tensor([p.task[0] for p in plans], dtype=torch.float32)
+        self.rot = mnist.rotation_indices(angles).to(device)
+        self.decays = np.array([p.weight_decay for p in plans], dtype=np.float32)
+        self.per_epoch = len(self.train_idx) // cfg.batch_size
+        if self.per_epoch < 1:
+            raise ValueError(f"MNIST source has {len(self.train_idx)} training digits, fewer than a batch")
+        self._epoch, self._order = -1, None
+
+    def _inputs(self, idx: Tensor) -> Tensor:  # idx [K, B] -> [K, B, 50, 16]
+        return mnist.make_inputs(self.images[idx], self.rot)
+
+    def train_batch(self, step: int) -> tuple[Tensor, Tensor]:
+        epoch, b = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            n = len(self.train_idx)
+            self._order = torch.stack([torch.randperm(n, generator=g) for g in self.gens]).to(self.device)
+            self._epoch = epoch
+        B = self.cfg.batch_size
+        idx = self.train_idx[self._order[:, b * B : (b + 1) * B]]
+        y = self.labels[idx]
+        return self._inputs(idx), y.unsqueeze(-1).expand(-1, -1, mnist.SEQ_LEN)
+
+    def _pass(self, flat: Tensor, pool: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Loss and accuracy of each member on its own shuffled sample of `pool`."""
+        n = min(self.cfg.eval_samples, len(pool))
+        idx = pool[torch.stack([torch.randperm(len(pool), generator=g)[:n] for g in self.gens]).to(self.device)]
+        losses, correct, first_x, first_logits = [], [], None, None
+        for start in range(0, n, self.EVAL_CHUNK):
+            chunk = idx[:, start : start + self.EVAL_CHUNK]
+            x, y = self._inputs(chunk), self.labels[chunk]
+            logits, _ = lstm.forward(self.cfg.spec, flat, x)
+            target = y.unsqueeze(-1).expand(-1, -1, logits.shape[2])
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+            losses.append(ce.view(flat.shape[0], -1))
+            correct.append(logits[:, :, -1].argmax(-1) == y)
+            if first_x is None:
+                first_x, first_logits = x, logits
+        return torch.cat(losses, 1).mean(1), torch.cat(correct, 1).float().mean(1), idx, (first_x, first_logits)
+
+    @torch.no_grad()
+    def evaluate(self, flat: Tensor):
+        R = self.cfg.rollouts
+        train_loss, _, train_idx, (x, logits) = self._pass(flat, self.train_idx)
+        eval_loss, accuracy, _, _ = self._pass(flat, self.eval_idx)
+        if x.shape[1] < R:  # rollouts beyond the first chunk
+            x = self._inputs(train_idx[:, :R])
+            logits, _ = lstm.forward(self.cfg.spec, flat, x)
+        rollouts = {
+            "inputs": x[:, :R].to(torch.float16).cpu().numpy(),
+            "labels": self.labels[train_idx[:, :R]].to(torch.int8).cpu().numpy(),
+        }
+        metrics = {
+            "accuracy": accuracy.cpu().numpy(),
+            "train_loss": train_loss.cpu().numpy(),
+            "eval_loss": eval_loss.cpu().numpy(),
+            "generalization_gap": (eval_loss - train_loss).cpu().numpy(),
+            "weight_decay": self.decays,
+        }
+        return rollouts, logits[:, :R].to(torch.float16).cpu().numpy(), metrics
+
+
+_DIGITS: dict[str | None, tuple[Tensor, Tensor]] = {}
+
+
+def load_digits_cached(source: str | None) -> tuple[Tensor, Tensor]:
+    """Digits are read once per process (an actor trains many batches of members)."""
+    if source not in _DIGITS:
+        _DIGITS[source] = mnist.load_digits(source)
+    return _DIGITS[source]
+
+
 def make_task(cfg: ZooConfig, plans, generators, device) -> Task:
     if cfg.task == "formal-languages":
         return FormalLanguageTask(cfg, plans, generators, device)
-    from rnnrep.zoo.mnist_members import MnistTask
-
     return MnistTask(cfg, plans, generators, device)
 
 
