@@ -164,30 +164,34 @@ def forward(
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown LSTM implementation {impl!r}: choose one of {IMPLS}")
+    if impl == "autograd":
+        return _forward_autograd(spec, flat, x, state)
     K, B, T, _ = x.shape
     p = unflatten(spec, flat)
     H = spec.hidden_size
-    if state is None:
-        state = zero_state(spec, K, B, x)
-    h_all, c_all = state
+    order = _OIFG[H]
+    seq = x.permute(2, 0, 3, 1)  # [T, K, I, B]: time-major, features before batch
     hs, cs = [], []
-    seq = x.transpose(1, 2)  # [K, T, B, I]: time-major within each member
     for layer in range(spec.num_layers):
-        w_ih, w_hh = p[f"weight_ih_l{layer}"], p[f"weight_hh_l{layer}"]
         bias = p[f"bias_ih_l{layer}"] + p[f"bias_hh_l{layer}"]
-        if impl == "fused":
-            order = _OIFG[H]
-            seq, h, c = _LSTMLayer.apply(
-                seq, w_ih[:, order], w_hh[:, order], bias[:, order], h_all[layer], c_all[layer]
-            )
-        else:
-            seq, h, c = _layer_autograd(seq, w_ih, w_hh, bias, h_all[layer], c_all[layer])
-        hs.append(h)
-        cs.append(c)
-    logits = torch.baddbmm(
-        p["linear.bias"].unsqueeze(1), seq.reshape(K, T * B, H), p["linear.weight"].transpose(1, 2)
-    ).reshape(K, T, B, spec.output_size)
-    return logits.transpose(1, 2), (torch.stack(hs), torch.stack(cs))
+        w = torch.cat([p[f"weight_ih_l{layer}"], p[f"weight_hh_l{layer}"], bias.unsqueeze(-1)], dim=-1)
+        w = w.index_select(1, order.to(w.device))  # [K, 4H, I + H + 1], gates (o, i, f, g)
+        h0 = c0 = None
+        if state is not None:
+            h0, c0 = state[0][layer].transpose(1, 2), state[1][layer].transpose(1, 2)
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (seq, w, h0, c0)
+        ):
+            seq, h, c = _LSTMLayer.apply(seq, w, h0, c0)
+        else:  # no autograd bookkeeping: what sampling one step at a time needs
+            z, _, c, _, _ = _scan(seq, w, h0, c0, grad=False)
+            seq, h = z[1:, :, -H - 1 : -1], z[T, :, -H - 1 : -1]
+        hs.append(h.transpose(1, 2))
+        cs.append(c.transpose(1, 2))
+    # read-out: logits^T [K, O, T*B] = W_out [K, O, H] @ outputs [K, H, T*B]
+    out = seq.permute(1, 2, 0, 3).reshape(K, H, T * B)
+    logits = torch.baddbmm(p["linear.bias"].unsqueeze(-1), p["linear.weight"], out)
+    return logits.view(K, -1, T, B).permute(0, 3, 2, 1), (torch.stack(hs), torch.stack(cs))
 
 
 def step(spec: LSTMSpec, flat: Tensor, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
@@ -196,21 +200,33 @@ def step(spec: LSTMSpec, flat: Tensor, x: Tensor, state: State | None = None) ->
     return logits.squeeze(2), state
 
 
-def _layer_autograd(
-    seq: Tensor, w_ih: Tensor, w_hh: Tensor, bias: Tensor, h: Tensor, c: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """seq `[K, T, B, I]`, PyTorch gate order (i, f, g, o) -> outputs `[K, T, B, H]`, h, c."""
-    K, T, B, _ = seq.shape
-    H = h.shape[-1]
-    pre = torch.baddbmm(bias.unsqueeze(1), seq.reshape(K, T * B, -1), w_ih.transpose(1, 2))
-    w_hh_t = w_hh.transpose(1, 2)
-    outs = []
-    for pre_t in pre.reshape(K, T, B, 4 * H).unbind(1):  # unbind: one stack in backward, not T zero-fills
-        i, f, g, o = torch.baddbmm(pre_t, h, w_hh_t).split(H, dim=-1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        outs.append(h)
-    return torch.stack(outs, dim=1), h, c
+def _forward_autograd(spec: LSTMSpec, flat: Tensor, x: Tensor, state: State | None) -> tuple[Tensor, State]:
+    """The reference: plain ops in PyTorch's layout and gate order, autograd's backward."""
+    K, B, T, _ = x.shape
+    p = unflatten(spec, flat)
+    H = spec.hidden_size
+    if state is None:
+        state = zero_state(spec, K, B, x)
+    hs, cs = [], []
+    seq = x.transpose(1, 2)  # [K, T, B, I]
+    for layer in range(spec.num_layers):
+        w_ih, w_hh = p[f"weight_ih_l{layer}"], p[f"weight_hh_l{layer}"]
+        bias = p[f"bias_ih_l{layer}"] + p[f"bias_hh_l{layer}"]
+        h, c = state[0][layer], state[1][layer]
+        pre = torch.baddbmm(bias.unsqueeze(1), seq.reshape(K, T * B, -1), w_ih.transpose(1, 2))
+        outs = []
+        for pre_t in pre.reshape(K, T, B, 4 * H).unbind(1):
+            i, f, g, o = torch.baddbmm(pre_t, h, w_hh.transpose(1, 2)).split(H, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outs.append(h)
+        seq = torch.stack(outs, dim=1)
+        hs.append(h)
+        cs.append(c)
+    logits = torch.baddbmm(
+        p["linear.bias"].unsqueeze(1), seq.reshape(K, T * B, H), p["linear.weight"].transpose(1, 2)
+    ).reshape(K, T, B, spec.output_size)
+    return logits.transpose(1, 2), (torch.stack(hs), torch.stack(cs))
 
 
 class _GateOrder(dict):
@@ -229,76 +245,132 @@ class _GateOrder(dict):
 _OIFG = _GateOrder()
 
 
-class _LSTMLayer(torch.autograd.Function):
-    """One LSTM layer of K members, gates (o, i, f, g), with a hand-written backward.
+def _scan(
+    seq: Tensor, w: Tensor, h0: Tensor | None, c0: Tensor | None, grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The forward recurrence of one layer in the transposed, gate-major layout.
 
-    At these sizes (B = 32, H = 32) the cost is per-op overhead, not arithmetic, so
-    the point is few ops per time step: 7 in the forward, 5 in the backward. Every
-    elementwise factor the backward needs is precomputed for all steps at once, and
-    the weight gradients are single large matmuls after the time loop.
+    seq `[T, K, I, B]`, w `[K, 4H, I + H + 1]` (columns: input, hidden, bias; gate rows
+    o, i, f, g), h0, c0 `[K, H, B]` or None for zeros. Each step is one matmul
+    gates^T = w @ z_t with z_t = [x_t; h_{t-1}; 1] a contiguous `[K, I + H + 1, B]`
+    block of the buffer `z`, into which h_t is written directly; every elementwise op
+    then runs on blocks of H*B (or 3H*B) contiguous floats.
+
+    With `grad`, each step also computes what the backward needs while it is still in
+    cache (an all-steps pass afterwards reads everything back from memory, which costs
+    more than the extra ops): q `[T, K, 4H, B]`, d(loss)/d(pre-activation) per unit of
+    (dh, dc, dc, dc), and dc_dh `[T, K, H, B]` = o (1 - tanh(c)^2).
+
+    Returns z `[T + 1, K, I + H + 1, B]` (h_t is z[t + 1, :, I : I + H]), the gate
+    activations `[T, K, 4H, B]`, c_T `[K, H, B]`, q and dc_dh (None without `grad`).
+    """
+    T, K, I, B = seq.shape
+    G, D = w.shape[1], w.shape[2]
+    H = G // 4
+    z = seq.new_empty(T + 1, K, D, B)
+    z[:T, :, :I] = seq
+    z[T, :, :I] = 0
+    z[:, :, D - 1] = 1
+    if h0 is None:
+        z[0, :, I : I + H] = 0
+    else:
+        z[0, :, I : I + H] = h0
+    acts = seq.new_empty(T, K, G, B)
+    c_buf = seq.new_empty(2, K, H, B)  # c_t, c_{t+1}: ping-pong
+    c = c_buf[0]
+    c.zero_() if c0 is None else c.copy_(c0)
+    tanh_c = seq.new_empty(K, H, B)
+    # per-step views, made once: slicing in the loop would cost as much as the math
+    o, i, f, g, sig = (acts[:, :, s].unbind(0) for s in (slice(0, H), slice(H, 2 * H), slice(2 * H, 3 * H), slice(3 * H, G), slice(0, 3 * H)))
+    zs, hs = z.unbind(0), z[:, :, I : I + H].unbind(0)
+    if grad:
+        q = seq.new_empty(T, K, G, B)
+        dc_dh = seq.new_empty(T, K, H, B)
+        pm = seq.new_empty(K, 2 * H, B)  # p = i g, m = f c_{t-1}
+        p, m = pm[:, :H], pm[:, H:]
+        q_o, q_if, q_g = (q[:, :, s].unbind(0) for s in (slice(0, H), slice(H, 3 * H), slice(3 * H, G)))
+        i_f = acts[:, :, H : 3 * H].unbind(0)
+    for t in range(T):
+        torch.bmm(w, zs[t], out=acts[t])
+        sig[t].sigmoid_()
+        g[t].tanh_()
+        c_new = c_buf[(t + 1) % 2]
+        if grad:
+            torch.mul(f[t], c, out=m)
+            torch.mul(i[t], g[t], out=p)
+            torch.addcmul(m, i[t], g[t], out=c_new)  # not m + p: same rounding as without grad
+        else:
+            torch.mul(f[t], c, out=c_new)
+            c_new.addcmul_(i[t], g[t])
+        c = c_new
+        torch.tanh(c, out=tanh_c)
+        h = torch.mul(o[t], tanh_c, out=hs[t + 1])
+        if grad:
+            torch.addcmul(pm, pm, i_f[t], value=-1, out=q_if[t])  # g i (1 - i), c f (1 - f)
+            torch.addcmul(h, h, o[t], value=-1, out=q_o[t])  # tanh(c) o (1 - o)
+            torch.addcmul(i[t], p, g[t], value=-1, out=q_g[t])  # i (1 - g^2)
+            torch.addcmul(o[t], h, tanh_c, value=-1, out=dc_dh[t])  # o (1 - tanh(c)^2)
+    return z, acts, c, (q if grad else None), (dc_dh if grad else None)
+
+
+class _LSTMLayer(torch.autograd.Function):
+    """One LSTM layer of K members (see `_scan`) with a hand-written backward.
+
+    At these sizes (B = 32, H = 32) the cost is per-op overhead and memory traffic,
+    not arithmetic, so the point is few ops per step, each on contiguous blocks that
+    are still in cache: 12 in the forward, 6 in the backward (+1 for the input
+    gradient), and no pass over all steps at once.
     """
 
     @staticmethod
-    def forward(ctx, seq, w_ih, w_hh, bias, h0, c0):
-        K, T, B, _ = seq.shape
-        H = h0.shape[-1]
-        acts = torch.baddbmm(bias.unsqueeze(1), seq.reshape(K, T * B, -1), w_ih.transpose(1, 2))
-        acts = acts.reshape(K, T, B, 4 * H)
-        hs = acts.new_empty(K, T + 1, B, H)
-        cs = torch.empty_like(hs)
-        tanh_c = acts.new_empty(K, T, B, H)
-        hs[:, 0], cs[:, 0] = h0, c0
-        w_hh_t = w_hh.transpose(1, 2)
-        for t in range(T):
-            a = acts[:, t]
-            a.baddbmm_(hs[:, t], w_hh_t)
-            a[..., : 3 * H].sigmoid_()
-            a[..., 3 * H :].tanh_()
-            c = cs[:, t + 1]
-            torch.mul(a[..., 2 * H : 3 * H], cs[:, t], out=c)
-            c.addcmul_(a[..., H : 2 * H], a[..., 3 * H :])
-            torch.tanh(c, out=tanh_c[:, t])
-            torch.mul(a[..., :H], tanh_c[:, t], out=hs[:, t + 1])
-        ctx.save_for_backward(seq, w_ih, w_hh, acts, hs, cs, tanh_c)
-        return hs[:, 1:], hs[:, T].clone(), cs[:, T].clone()
+    def forward(ctx, seq, w, h0, c0):
+        z, acts, c, q, dc_dh = _scan(seq, w, h0, c0, grad=True)
+        ctx.save_for_backward(w, z, acts, q, dc_dh)
+        ctx.has_state = h0 is not None
+        H = c.shape[1]
+        T = seq.shape[0]
+        return z[1:, :, -H - 1 : -1], z[T, :, -H - 1 : -1].clone(), c.clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_hT, d_cT):
-        seq, w_ih, w_hh, acts, hs, cs, tanh_c = ctx.saved_tensors
-        K, T, B, G = acts.shape
-        H = G // 4
-        a4 = acts.view(K, T, B, 4, H)
-        o, i, f, g = a4.unbind(3)
-        # dc_t = dc_{t+1} f_{t+1} + dh_t * o (1 - tanh(c)^2)
-        dc_from_dh = o * (1 - tanh_c * tanh_c)
-        # d(pre-activation) = dh * q_o for o; dc * q_x for x in (i, f, g)
-        q = torch.empty_like(a4)
-        q[:, :, :, 0] = tanh_c * o * (1 - o)
-        q[:, :, :, 1] = g * i * (1 - i)
-        q[:, :, :, 2] = cs[:, :-1] * f * (1 - f)
-        q[:, :, :, 3] = i * (1 - g * g)
-        d_acts = torch.empty_like(a4)
-        if d_out is None:
-            d_out = acts.new_zeros(K, T, B, H)
-        dh = d_out[:, T - 1] if d_hT is None else d_out[:, T - 1] + d_hT
-        dc = acts.new_zeros(K, B, H) if d_cT is None else d_cT.clone()
+        w, z, acts, q, dc_dh = ctx.saved_tensors
+        T, K, G, B = acts.shape
+        H, D = G // 4, w.shape[2]
+        I = D - H - 1
+        f = acts[:, :, 2 * H : 3 * H].unbind(0)
+        q_o, q_ifg = q[:, :, :H].unbind(0), q[:, :, H:].unflatten(2, (3, H)).unbind(0)
+        d_acts = w.new_empty(2, K, G, B)  # steps t, t + 1: ping-pong
+        d_o, d_ifg = d_acts[:, :, :H], d_acts[:, :, H:].unflatten(2, (3, H))
+        d_out = d_out.contiguous().unbind(0)
+        z_t = z.transpose(2, 3).unbind(0)
+        dc_dh = dc_dh.unbind(0)
+        w_h_t = w[:, :, I : I + H].transpose(1, 2).contiguous()  # [K, H, 4H]
+        need_x = ctx.needs_input_grad[0]
+        if need_x:
+            w_x_t = w[:, :, :I].transpose(1, 2).contiguous()
+            d_seq = w.new_empty(T, K, I, B)
+            d_seq_t = d_seq.unbind(0)
+        d_w = w.new_zeros(K, G, D)
+        dc = d_cT.clone()
         for t in range(T - 1, -1, -1):
-            if t < T - 1:
-                dh = torch.baddbmm(d_out[:, t], d_acts[:, t + 1].reshape(K, B, G), w_hh)
-                dc.mul_(f[:, t + 1])
-            dc.addcmul_(dh, dc_from_dh[:, t])
-            torch.mul(dc.unsqueeze(2), q[:, t, :, 1:], out=d_acts[:, t, :, 1:])
-            torch.mul(dh, q[:, t, :, 0], out=d_acts[:, t, :, 0])
-        d_pre = d_acts.reshape(K, T * B, G)
-        d_pre_t = d_pre.transpose(1, 2)
-        d_w_hh = torch.bmm(d_pre_t, hs[:, :-1].reshape(K, T * B, H))
-        d_w_ih = torch.bmm(d_pre_t, seq.reshape(K, T * B, -1))
-        d_bias = d_pre.sum(1)
-        d_seq = torch.bmm(d_pre, w_ih).reshape(seq.shape) if ctx.needs_input_grad[0] else None
-        d_h0 = torch.bmm(d_acts[:, 0].reshape(K, B, G), w_hh)
-        d_c0 = dc * f[:, 0]
-        return d_seq, d_w_ih, d_w_hh, d_bias, d_h0, d_c0
+            j = t % 2
+            if t == T - 1:
+                dh = d_out[t] + d_hT
+            else:
+                dh = torch.baddbmm(d_out[t], w_h_t, d_acts[1 - j])
+                dc.mul_(f[t + 1])
+            dc.addcmul_(dh, dc_dh[t])
+            torch.mul(dc.unsqueeze(1), q_ifg[t], out=d_ifg[j])
+            torch.mul(dh, q_o[t], out=d_o[j])
+            d_w.baddbmm_(d_acts[j], z_t[t])
+            if need_x:
+                torch.bmm(w_x_t, d_acts[j], out=d_seq_t[t])
+        d_h0 = d_c0 = None
+        if ctx.has_state:
+            d_h0 = torch.bmm(w_h_t, d_acts[0])
+            d_c0 = dc * f[0]
+        return d_seq if need_x else None, d_w, d_h0, d_c0
 
 
 # --------------------------------------------------------------------------- symmetry
@@ -346,3 +418,4 @@ def random_permutations(spec: LSTMSpec, k: int, generator: torch.Generator | Non
         torch.argsort(torch.rand(k, spec.hidden_size, generator=generator), dim=1)
         for _ in range(spec.num_layers)
     ]
+

@@ -46,6 +46,18 @@ def permute_randomly(spec: LSTMSpec, params: Tensor, generator: torch.Generator 
     return permute_hidden(spec, params, [p.to(params.device) for p in perms])
 
 
+def weight_bias_pairs(spec: LSTMSpec) -> list[tuple[str, str]]:
+    """(weight, bias) names, one pair per matrix: ih_0, hh_0, ..., ih_{L-1}, hh_{L-1}, read-out.
+
+    A row of a weight with its bias entry is one neuron's (or one gate row's) incoming
+    weights, the unit that the transformer tokenises and DWS pairs.
+    """
+    pairs = []
+    for layer in range(spec.num_layers):
+        pairs += [(f"weight_ih_l{layer}", f"bias_ih_l{layer}"), (f"weight_hh_l{layer}", f"bias_hh_l{layer}")]
+    return pairs + [("linear.weight", "linear.bias")]
+
+
 def count_parameters(module: nn.Module) -> int:
     """Trainable parameters: the number the paper's parameter budgets compare."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rnnrep.encoders.common import mlp, unit_norm
+from rnnrep.encoders.common import mlp, unit_norm, weight_bias_pairs
 from rnnrep.lstm import LSTMSpec, unflatten
 
 Features = dict[str, Tensor]  # tensor name -> [B, rows, cols, C] (weights) or [B, rows, C] (biases)
@@ -94,14 +94,6 @@ def permute_features(spec: LSTMSpec, feats: Features, perms: list[Tensor]) -> Fe
 
 
 # --------------------------------------------------------------------------- the equivariant layer
-
-
-def _pairs(spec: LSTMSpec) -> list[tuple[str, str]]:
-    """(weight, bias) names: ih_0, hh_0, ..., ih_{L-1}, hh_{L-1}, read-out."""
-    pairs = []
-    for layer in range(spec.num_layers):
-        pairs += [(f"weight_ih_l{layer}", f"bias_ih_l{layer}"), (f"weight_hh_l{layer}", f"bias_hh_l{layer}")]
-    return pairs + [("linear.weight", "linear.bias")]
 
 
 def _context(spec: LSTMSpec) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
@@ -195,7 +187,7 @@ class EquivariantLayer(nn.Module):
     def __init__(self, spec: LSTMSpec, c_in: int, c_out: int, io_embed: bool = True) -> None:
         super().__init__()
         self.spec = spec
-        self.pairs = _pairs(spec)
+        self.pairs = weight_bias_pairs(spec)
         self.context = _context(spec)
         n = len(spec.tensors)
         self.maps = nn.ModuleList(
@@ -248,6 +240,8 @@ class DWSEncoder(nn.Module):
 
     def __init__(self, spec: LSTMSpec, cfg: DWSConfig = DWSConfig()) -> None:
         super().__init__()
+        if not cfg.channels:
+            raise ValueError("DWSConfig.channels needs at least one layer")
         self.spec, self.cfg = spec, cfg
         channels = (GATES, *cfg.channels)
         self.layers = nn.ModuleList(

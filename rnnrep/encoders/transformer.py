@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rnnrep.encoders.common import permute_randomly, unit_norm
+from rnnrep.encoders.common import permute_randomly, unit_norm, weight_bias_pairs
 from rnnrep.lstm import LSTMSpec, unflatten
 
 
@@ -71,10 +71,7 @@ class TransformerEncoder(nn.Module):
     def __init__(self, spec: LSTMSpec, cfg: TransformerConfig = TransformerConfig()) -> None:
         super().__init__()
         self.spec, self.cfg = spec, cfg
-        self.pairs: list[tuple[str, str]] = []
-        for layer in range(spec.num_layers):
-            self.pairs += [(f"weight_ih_l{layer}", f"bias_ih_l{layer}"), (f"weight_hh_l{layer}", f"bias_hh_l{layer}")]
-        self.pairs.append(("linear.weight", "linear.bias"))
+        self.pairs = weight_bias_pairs(spec)
         shapes = [spec.tensor(w).shape for w, _ in self.pairs]
         self.embed = nn.ModuleList(nn.Linear(fan_in + 1, cfg.d_model) for _, fan_in in shapes)
         num_tokens = sum(rows for rows, _ in shapes) + 1

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rnnrep.lstm import LSTMSpec
@@ -130,7 +131,7 @@ class Zoo:
             for batch in pf.iter_batches(batch_size=batch_rows, columns=columns and _with_split(columns)):
                 table = pa.Table.from_batches([batch])
                 if split is not None:
-                    table = table.filter(pa.compute.equal(table.column("split"), split))
+                    table = table.filter(pc.equal(table.column("split"), split))
                 if len(table):
                     yield table
 
@@ -154,10 +155,13 @@ class Zoo:
     def to_ray(self, split: str | None = None, columns: list[str] | None = None):
         """The zoo as a Ray Dataset (Ray is imported only here)."""
         import ray
+        from ray.data.expressions import col
 
-        ds = ray.data.read_parquet([str(f) for f in self.files], columns=columns and _with_split(columns))
+        ds = ray.data.read_parquet([str(f) for f in self.files])
+        if columns is not None:
+            ds = ds.select_columns(_with_split(columns))
         if split is not None:
-            ds = ds.filter(expr=f"split == '{split}'")
+            ds = ds.filter(expr=col("split") == split)
         return ds
 
 

@@ -1,0 +1,3 @@
+from rnnrep.cli import app
+
+app(prog_name="rnnrep")

