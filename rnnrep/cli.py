@@ -27,9 +27,10 @@ PresetOpt = Annotated[str, typer.Option("--preset", help=f"Scale: {', '.join(PRE
 def _user_errors():
     """User errors become one line on stderr and exit code 2; bugs keep their traceback."""
     from rnnrep.tasks.sequential_mnist import MnistSourceError
+    from rnnrep.tasks.splits import SplitError
     from rnnrep.zoo.schema import ZooFormatError
 
-    return (ConfigError, ZooFormatError, MnistSourceError, FileNotFoundError)
+    return (ConfigError, ZooFormatError, MnistSourceError, SplitError, FileNotFoundError)
 
 
 def _fail(e: Exception) -> None:

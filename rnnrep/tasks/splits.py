@@ -12,6 +12,10 @@ from __future__ import annotations
 import numpy as np
 
 SPLITS = ("train", "val", "ood")
+
+
+class SplitError(ValueError):
+    """Too few distinct tasks to split; the message names the fix."""
 VAL_RATIO = 0.15
 OOD_RATIO = 0.15
 
@@ -20,7 +24,7 @@ def reference_split(unique_tasks: np.ndarray, criterion: np.ndarray) -> np.ndarr
     """Split label per row of `unique_tasks` (rows in `np.unique(..., axis=0)` order)."""
     n = len(unique_tasks)
     if n < 3:
-        raise ValueError(f"a split needs at least 3 distinct tasks, got {n}")
+        raise SplitError(f"a train/val/ood split needs at least 3 distinct tasks, got {n}: use more members")
     order = np.argsort(criterion)
     n_train = int(n * (1 - VAL_RATIO - OOD_RATIO))
     n_val = int(n * VAL_RATIO)

@@ -1,0 +1,145 @@
+"""`rnnrep bench`: speed as a ratio against a baseline measured in the same command.
+
+The zoo baseline is the reference's way of building a zoo: one member at a time, a
+fused `torch.nn.LSTM`, torch's AdamW, fresh strings every step, and at every snapshot
+1,000 sampled strings for accuracy plus 100 more with their logits. The contender is
+a whole `rnnrep zoo build` (Ray start-up, training, snapshot evaluation, writing)
+of the same members, steps and snapshots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rnnrep.config import BuildOptions, ConfigError, zoo_config
+from rnnrep.tasks import formal_languages as fl
+from rnnrep.zoo.members import lr_at, plan_member
+
+
+def matmul_peak_gflops(seconds: float = 1.0) -> float:
+    """This machine's float32 matmul rate with all threads torch uses (1024^3 products)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return n * 2 * 1024**3 / (time.perf_counter() - t0) / 1e9
+
+
+def member_step_gflop(task: str) -> float:
+    """Matmul work of one training step of one member (forward + backward = 3x forward)."""
+    cfg = zoo_config(task, "tiny")
+    s, B = cfg.spec, cfg.batch_size
+    T = 41 if task == "formal-languages" else 50
+    fwd = 0
+    for layer in range(s.num_layers):
+        fan_in = s.input_size if layer == 0 else s.hidden_size
+        fwd += 2 * B * 4 * s.hidden_size * (fan_in + s.hidden_size)
+    fwd += 2 * B * s.hidden_size * s.output_size
+    return 3 * fwd * T / 1e9
+
+
+def baseline_fl(members: int, steps: int) -> float:
+    """The reference loop for formal-language members; returns member-steps per second."""
+    cfg = zoo_config("formal-languages", "small", members=members, steps=steps)
+    snapshots = set(cfg.snapshot_steps)
+    t0 = time.perf_counter()
+    for member_id in range(members):
+        plan = plan_member(cfg, member_id)
+        torch.manual_seed(plan.seed)
+        offsets = torch.tensor(plan.task, dtype=torch.long)
+        lstm = torch.nn.LSTM(6, 32, 2, batch_first=True)
+        linear = torch.nn.Linear(32, 6)
+        params = [*lstm.parameters(), *linear.parameters()]
+        opt = torch.optim.AdamW(params, lr=0.01, weight_decay=1e-4)
+        lo = int(fl.min_n(offsets))
+        for step in range(steps + 1):
+            seq = fl.strings_from_n(torch.randint(lo, fl.MAX_N, (32,)), offsets)
+            out, _ = lstm(F.one_hot(seq[:, :-1], 6).float())
+            loss = F.cross_entropy(linear(out).reshape(-1, 6), seq[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, step)
+            if step in snapshots:
+                for n in (1000, 100):  # accuracy samples, then stored rollouts
+                    _sample(lstm, linear, offsets, n)
+    return members * (steps + 1) / (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def _sample(lstm, linear, offsets, n: int) -> float:
+    tokens = [torch.full((n, 1), fl.BOS)]
+    state = None
+    for _ in range(fl.SEQ_LEN - 1):
+        out, state = lstm(F.one_hot(tokens[-1], 6).float(), state)
+        probs = torch.softmax(linear(out[:, -1]), -1)
+        tokens.append(torch.multinomial(probs, 1))
+    correct, _, _ = fl.accept(torch.cat(tokens, 1), offsets)
+    return float(correct.float().mean())
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def bench_zoo(
+    task: str, members: int, steps: int, baseline_members: int, members_per_batch: int, out: Path | None
+) -> str:
+    if task != "formal-languages":
+        raise ConfigError("bench zoo measures the formal-language build (the reference's baseline loop)")
+    if members < 1 or steps < 1 or baseline_members < 1:
+        raise ConfigError("--members, --steps and --baseline-members must be at least 1")
+    from rnnrep.zoo.build import build
+
+    peak = matmul_peak_gflops()
+    base = baseline_fl(baseline_members, steps)
+    cfg = zoo_config(task, "small", members=members, steps=steps)
+    rss = {"before": _rss_mb(), "peak": _rss_mb()}
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.wait(0.2):
+            rss["peak"] = max(rss["peak"], _rss_mb())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    with tempfile.TemporaryDirectory(prefix="rnnrep-bench-") as tmp:
+        t0 = time.perf_counter()
+        result = build(cfg, Path(tmp) / "zoo", BuildOptions(members_per_actor_batch=members_per_batch, progress=False))
+        wall = time.perf_counter() - t0
+    watching.set()
+    watcher.join()
+    whole = members * (steps + 1) / wall
+    achieved = whole * member_step_gflop(task)
+    res = {
+        "task": task,
+        "members": members,
+        "steps": steps,
+        "cpus": os.cpu_count(),
+        "baseline_member_steps_per_s": round(base, 1),
+        "build_member_steps_per_s_wall": round(whole, 1),
+        "build_member_steps_per_s_training": round(result.member_steps_per_s, 1),
+        "ratio_wall": round(whole / base, 2),
+        "matmul_peak_gflops": round(peak, 1),
+        "build_matmul_gflops": round(achieved, 2),
+        "share_of_peak": round(achieved / peak, 4),
+        "driver_rss_mb_before": round(rss["before"]),
+        "driver_rss_mb_peak": round(rss["peak"]),
+        "device": result.device,
+    }
+    if out is not None:
+        out.write_text(json.dumps(res, indent=1) + "\n")
+    return "\n".join(f"{k:36s} {v}" for k, v in res.items())
