@@ -142,6 +142,31 @@ def bench_zoo(
     typer.echo(report)
 
 
+@app.command("encoders")
+def encoders_cmd(
+    task: TaskOpt = "formal-languages",
+    num_probes: Annotated[int, typer.Option(help="Parallel probe sequences M of the probing encoders.")] = 1,
+) -> None:
+    """The six weight encoders: parameters (paper architecture) and how each treats neuron permutations."""
+    from rnnrep.config import member_spec
+    from rnnrep.encoders import ENCODERS, PROBING, SYMMETRY, build_encoder, count_parameters
+
+    try:
+        spec = member_spec(task)
+        if num_probes < 1:
+            raise ConfigError("--num-probes must be at least 1")
+        rows = []
+        for name in ENCODERS:
+            extra = {"num_probes": num_probes} if name in PROBING else {}
+            rows.append((name, count_parameters(build_encoder(name, spec, task, **extra)), SYMMETRY[name]))
+    except _user_errors() as e:
+        _fail(e)
+    typer.echo(f"encoders for {task} members ({spec.num_params:,} parameters each), output z of 16 values")
+    typer.echo(f"{'encoder':16s}{'parameters':>12s}  permutation symmetry")
+    for name, n, sym in rows:
+        typer.echo(f"{name:16s}{n:>12,}  {sym}")
+
+
 @app.command()
 def quickstart(
     out: Annotated[Path, typer.Option(help="Where the quickstart writes its zoo.")] = Path("quickstart"),

@@ -18,6 +18,8 @@ from typing import Any
 
 from torch import nn
 
+from rnnrep.config import ConfigError
+from rnnrep.encoders.common import count_parameters
 from rnnrep.lstm import LSTMSpec
 
 KINDS = ("formal-languages", "sequential-mnist")
@@ -35,6 +37,16 @@ ENCODERS: tuple[str, ...] = tuple(_REGISTRY)
 MECHANISTIC: tuple[str, ...] = ("statistics", "flat", "transformer", "dws")
 PROBING: tuple[str, ...] = ("noninteractive", "interactive")
 
+# How each encoder treats the member's hidden-neuron permutation symmetry.
+SYMMETRY: dict[str, str] = {
+    "statistics": "invariant by construction (per-tensor statistics)",
+    "flat": "trained with random permutation augmentation",
+    "transformer": "trained with random permutation augmentation",
+    "dws": "invariant by construction (equivariant layers, pooled)",
+    "noninteractive": "invariant: sees only the member's function",
+    "interactive": "invariant: sees only the member's function",
+}
+
 # The probe length is the one architecture choice that depends on the task: a probe
 # spans a formal-language sequence (22 steps) or an MNIST image's 50 tiles.
 _KIND_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -44,9 +56,9 @@ _KIND_DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
 
 def _check(name: str, kind: str) -> None:
     if name not in _REGISTRY:
-        raise ValueError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
+        raise ConfigError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
     if kind not in KINDS:
-        raise ValueError(f"unknown zoo kind {kind!r}; choose one of: {', '.join(KINDS)}")
+        raise ConfigError(f"unknown zoo kind {kind!r}; choose one of: {', '.join(KINDS)}")
 
 
 def _load(name: str, attr_index: int) -> Any:
@@ -65,7 +77,7 @@ def encoder_config(name: str, kind: str, **overrides: Any) -> Any:
     fields = {f.name for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"{name} has no setting(s) {unknown}; its settings are: {', '.join(sorted(fields))}")
+        raise ConfigError(f"{name} has no setting(s) {unknown}; its settings are: {', '.join(sorted(fields))}")
     values = {**_KIND_DEFAULTS.get(name, {}).get(kind, {}), **overrides}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return config_cls(**values)
@@ -80,4 +92,4 @@ def build_encoder(name: str, spec: LSTMSpec, kind: str, **overrides: Any) -> nn.
     return encoder_cls(spec, cfg)
 
 
-__all__ = ["ENCODERS", "KINDS", "MECHANISTIC", "PROBING", "build_encoder", "encoder_config"]
+__all__ = ["ENCODERS", "KINDS", "MECHANISTIC", "PROBING", "SYMMETRY", "build_encoder", "count_parameters", "encoder_config"]

@@ -1,0 +1,37 @@
+"""CLI commands that need no zoo: help, encoders table."""
+
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from rnnrep.cli import app
+
+runner = CliRunner()
+
+PAPER_COUNTS = {
+    "formal-languages": {"statistics": 1_248_016, "flat": 1_797_264, "transformer": 1_276_688, "dws": 1_279_736,
+                         "noninteractive": 1_147_030, "interactive": 1_147_030},
+    "sequential-mnist": {"statistics": 1_248_016, "flat": 1_978_000, "transformer": 1_278_480, "dws": 1_282_400,
+                         "noninteractive": 1_156_512, "interactive": 1_156_512},
+}
+
+
+@pytest.mark.parametrize("task", list(PAPER_COUNTS))
+def test_encoders_table_has_paper_parameter_counts(task):
+    r = runner.invoke(app, ["encoders", "--task", task])
+    assert r.exit_code == 0, r.output
+    counts = {m[0]: int(m[1].replace(",", "")) for m in re.findall(r"^(\w+)\s+([\d,]+)\s", r.output, re.M)}
+    assert counts == PAPER_COUNTS[task]
+
+
+def test_interactive_with_eight_probes():
+    r = runner.invoke(app, ["encoders", "--num-probes", "8"])
+    assert re.search(r"^interactive\s+1,388,054", r.output, re.M), r.output
+
+
+def test_help_lists_commands():
+    r = runner.invoke(app, ["--help"])
+    assert r.exit_code == 0
+    for cmd in ("zoo", "encoders", "bench", "quickstart"):
+        assert cmd in r.output
