@@ -143,3 +143,78 @@ def bench_zoo(
     if out is not None:
         out.write_text(json.dumps(res, indent=1) + "\n")
     return "\n".join(f"{k:36s} {v}" for k, v in res.items())
+
+
+# Seconds per emulation training step (64 members, paper architecture) of the reference
+# implementation on a 2-core machine of this kind (REFERENCE.md); shown beside ours.
+REFERENCE_STEP_S = {
+    "statistics": 0.14, "flat": 0.13, "transformer": 9.3, "dws": 0.47, "noninteractive": 0.31, "interactive": 0.31,
+}
+
+
+def _time_steps(fn, min_steps: int, min_seconds: float) -> float:
+    fn()  # warm-up
+    n, t0 = 0, time.perf_counter()
+    while n < min_steps or time.perf_counter() - t0 < min_seconds:
+        fn()
+        n += 1
+    return (time.perf_counter() - t0) / n
+
+
+def bench_train(task: str, encoders: list[str], batch: int, min_steps: int, out: Path | None) -> str:
+    """Seconds per training step per encoder and of the emulator alone, same process."""
+    from rnnrep.config import member_spec
+    from rnnrep.emulation.emulator import Emulator, EmulatorConfig
+    from rnnrep.emulation.losses import emulation_loss
+    from rnnrep.emulation.step import EmulationBatch, build_model, make_optimizers, train_step
+    from rnnrep.encoders import ENCODERS
+
+    unknown = sorted(set(encoders) - set(ENCODERS))
+    if unknown:
+        raise ConfigError(f"unknown encoder(s) {unknown}: choose from {', '.join(ENCODERS)}")
+    if batch < 1 or min_steps < 1:
+        raise ConfigError("--batch and --min-steps must be at least 1")
+    spec = member_spec(task)
+    T = 41 if task == "formal-languages" else 50
+    g = torch.Generator().manual_seed(0)
+    data = EmulationBatch(
+        params=torch.randn(batch, spec.num_params, generator=g) * 0.2,
+        inputs=torch.randn(batch, T, spec.input_size, generator=g),
+        targets=torch.randn(batch, T, spec.output_size, generator=g),
+    )
+    # the emulator alone: the floor under every encoder's step
+    emulator = Emulator(spec.input_size, spec.output_size, EmulatorConfig())
+    opt = torch.optim.AdamW(emulator.parameters(), lr=1e-4, weight_decay=0.01)
+    z = torch.nn.functional.normalize(torch.randn(batch, 16, generator=g), dim=-1)
+
+    def emulator_step() -> None:
+        opt.zero_grad(set_to_none=True)
+        emulation_loss("total_variation", emulator(z, data.inputs), data.targets).backward()
+        torch.nn.utils.clip_grad_norm_(emulator.parameters(), 0.1)
+        opt.step()
+
+    emu_s = _time_steps(emulator_step, min_steps, 2.0)
+    rows = []
+    for name in encoders:
+        model = build_model(name, spec, task)
+        opts = make_optimizers(model)
+        s = _time_steps(lambda: train_step(model, opts, data), min_steps, 2.0)
+        rows.append(
+            {
+                "encoder": name,
+                "step_s": round(s, 4),
+                "steps_per_s": round(1 / s, 2),
+                "over_emulator_only": round(s / emu_s, 2),
+                "reference_step_s": REFERENCE_STEP_S[name],
+                "speedup_vs_reference": round(REFERENCE_STEP_S[name] / s, 2),
+            }
+        )
+    res = {"task": task, "batch": batch, "threads": torch.get_num_threads(), "emulator_only_step_s": round(emu_s, 4), "encoders": rows}
+    if out is not None:
+        out.write_text(json.dumps(res, indent=1) + "\n")
+    lines = [f"{task}, batch {batch}, {res['threads']} threads; emulator-only step {emu_s:.3f} s",
+             f"{'encoder':16s}{'step s':>9s}{'steps/s':>9s}{'/emulator':>10s}{'ref s':>8s}{'speed-up':>9s}"]
+    for r in rows:
+        lines.append(f"{r['encoder']:16s}{r['step_s']:>9.3f}{r['steps_per_s']:>9.2f}{r['over_emulator_only']:>10.2f}"
+                     f"{r['reference_step_s']:>8.2f}{r['speedup_vs_reference']:>9.2f}")
+    return "\n".join(lines)

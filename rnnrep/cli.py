@@ -142,6 +142,24 @@ def bench_zoo(
     typer.echo(report)
 
 
+@bench_app.command("train")
+def bench_train(
+    task: TaskOpt = "formal-languages",
+    encoder: Annotated[Optional[list[str]], typer.Option(help="Encoder(s) to time (default: all six).")] = None,
+    batch: Annotated[int, typer.Option(help="Members per step (the paper: 64).")] = 64,
+    min_steps: Annotated[int, typer.Option(help="Timed steps per encoder (at least 2 s each).")] = 3,
+    out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,
+) -> None:
+    """Seconds per emulation training step per encoder (paper architecture), beside the emulator alone."""
+    from rnnrep.bench import bench_train as run
+    from rnnrep.encoders import ENCODERS
+
+    try:
+        typer.echo(run(task, list(encoder or ENCODERS), batch, min_steps, out))
+    except _user_errors() as e:
+        _fail(e)
+
+
 @app.command("encoders")
 def encoders_cmd(
     task: TaskOpt = "formal-languages",

@@ -13,9 +13,15 @@ import os
 def connect(address: str | None = None, num_cpus: int | None = None, dashboard: bool = False) -> None:
     """`ray.init` once per process; `address=None` starts a local Ray on loopback."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    import logging
+
     import ray
 
+    # rnnrep draws its own progress; Ray Data's bars and per-run INFO lines are noise here
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
     if ray.is_initialized():
         return
     if address:

@@ -225,6 +225,8 @@ def build(cfg: ZooConfig, out: str | Path, opts: BuildOptions) -> BuildResult:
             worker.join(0.5)
             steps = ray.get(counter.value.remote())
             update(state["done"], steps, time.perf_counter() - t0)
+        if state["error"] is None:
+            update(state["done"], total_steps, time.perf_counter() - t0)
     if state["error"] is not None:
         raise state["error"]
     seconds = time.perf_counter() - t0
