@@ -52,7 +52,9 @@ def zoo_build(
     ] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: a local Ray).")] = None,
     actors: Annotated[Optional[int], typer.Option(help="Actor pool size (default: one per CPU or GPU share).")] = None,
-    members_per_batch: Annotated[int, typer.Option(help="Members an actor trains together.")] = 16,
+    members_per_batch: Annotated[
+        Optional[int], typer.Option(help="Members an actor trains together (default: 16 on CPU, 256 on GPU).")
+    ] = None,
     gpus_per_actor: Annotated[float, typer.Option(help="GPU fraction per actor (CPU if the cluster has none).")] = 0.0,
     overwrite: Annotated[bool, typer.Option(help="Replace a zoo built with another configuration.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
@@ -67,7 +69,7 @@ def zoo_build(
         )
         if task != "sequential-mnist" and mnist_dir is not None:
             raise ConfigError("--mnist-dir only applies to --task sequential-mnist")
-        if members_per_batch < 1:
+        if members_per_batch is not None and members_per_batch < 1:
             raise ConfigError("--members-per-batch must be at least 1")
         opts = BuildOptions(
             address=address, actors=actors, members_per_actor_batch=members_per_batch,

@@ -129,7 +129,7 @@ class BuildOptions:
 
     address: str | None = None  # None: a local Ray on loopback
     actors: int | None = None  # None: one per CPU (or per GPU share)
-    members_per_actor_batch: int = 16
+    members_per_actor_batch: int | None = None  # None: 16 on CPU, 256 on a GPU
     gpus_per_actor: float = 0.0
     device: str = "auto"  # auto | cpu | cuda
     overwrite: bool = False

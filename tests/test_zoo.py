@@ -213,3 +213,9 @@ def test_streams_as_ray_dataset_and_by_split(cli_zoo):
     assert ds.count() == (meta["split"] == split).sum()
     n = sum(len(t) for t in zoo.iter_tables(split=split, columns=["member_id"]))
     assert n == (meta["split"] == split).sum()
+
+
+def test_gpu_request_without_gpus_falls_back_to_cpu(ray_local, tmp_path):
+    r = build_cli(tmp_path / "z", "--members", "3", "--gpus-per-actor", "0.25")
+    assert r.exit_code == 0, r.output
+    assert "no GPU" in r.output and "on cpu" in r.output

@@ -187,7 +187,9 @@ def build(cfg: ZooConfig, out: str | Path, opts: BuildOptions) -> BuildResult:
         # leave a CPU's share free for Ray Data's own tasks: actors holding every CPU hang it
         res = {"num_cpus": max(0.25, min(1.0, (cpus - 0.5) / actors))}
         device, threads = "cpu", max(1, int(cpus // actors))
-    per_batch = opts.members_per_actor_batch
+    # a GPU only pays off with many members per batched matmul; on CPU, 16 keeps a
+    # batch's activations in cache and the progress bar moving
+    per_batch = opts.members_per_actor_batch or (256 if use_gpu else 16)
     groups = [pending[i : i + per_batch] for i in range(0, len(pending), per_batch)]
     actors = min(actors, len(groups))
 
