@@ -206,3 +206,6 @@ def quickstart(
     except _user_errors() as e:
         _fail(e)
 
+
+from rnnrep.emulation.cli import embed_cmd, train_cmd  # noqa: E402  (emulation learning commands)
+for _name, _cmd in (("train", train_cmd), ("embed", embed_cmd)): app.command(_name)(_cmd)  # noqa: E701

@@ -27,8 +27,10 @@ class ConfigError(ValueError):
     """A user-facing configuration problem; the message names the fix."""
 
 
-def scaled_snapshots(steps: int) -> tuple[int, ...]:
-    out = sorted({round(s * steps / PAPER_STEPS) for s in PAPER_SNAPSHOTS})
+def scaled_snapshots(
+    steps: int, base: tuple[int, ...] = PAPER_SNAPSHOTS, base_steps: int = PAPER_STEPS
+) -> tuple[int, ...]:
+    out = sorted({round(s * steps / base_steps) for s in base})
     return tuple(out)
 
 
@@ -101,7 +103,12 @@ class ZooConfig:
 
 _ZOO_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("formal-languages", "tiny"): dict(members=4, steps=40, rollouts=8, eval_samples=64),
-    ("formal-languages", "small"): dict(members=64, steps=2000, rollouts=100, eval_samples=1000),
+    # snapshots where a 2,000-step member's accuracy moves (0 -> 0.98), not the paper's
+    # shape squeezed (which would leave four snapshots at step <= 50, all near 0)
+    ("formal-languages", "small"): dict(
+        members=64, steps=2000, rollouts=100, eval_samples=1000,
+        snapshot_steps=(0, 50, 100, 150, 200, 300, 500, 1000, 2000),
+    ),
     ("formal-languages", "paper"): dict(members=1000, steps=20_000, rollouts=100, eval_samples=1000),
     ("sequential-mnist", "tiny"): dict(members=4, steps=20, rollouts=8, eval_samples=64),
     ("sequential-mnist", "small"): dict(members=32, steps=1000, rollouts=100, eval_samples=1000),
@@ -117,9 +124,14 @@ def zoo_config(task: str, preset: str = "small", **overrides: Any) -> ZooConfig:
     values: dict[str, Any] = dict(_ZOO_PRESETS[(task, preset)])
     if task == "sequential-mnist":
         values["weight_decay"] = (0.0, 0.001, 0.01, 0.1)
+    base_steps = values["steps"]
+    base = values.pop("snapshot_steps", None)
     values.update({k: v for k, v in overrides.items() if v is not None})
-    if "snapshot_steps" not in overrides or overrides["snapshot_steps"] is None:
-        values["snapshot_steps"] = scaled_snapshots(values["steps"])
+    if overrides.get("snapshot_steps") is None:
+        if base is None:
+            values["snapshot_steps"] = scaled_snapshots(values["steps"])
+        else:
+            values["snapshot_steps"] = scaled_snapshots(values["steps"], base, base_steps)
     return ZooConfig(task=task, **values)
 
 

@@ -169,13 +169,10 @@ def forward(
     K, B, T, _ = x.shape
     p = unflatten(spec, flat)
     H = spec.hidden_size
-    order = _OIFG[H]
     seq = x.permute(2, 0, 3, 1)  # [T, K, I, B]: time-major, features before batch
     hs, cs = [], []
     for layer in range(spec.num_layers):
-        bias = p[f"bias_ih_l{layer}"] + p[f"bias_hh_l{layer}"]
-        w = torch.cat([p[f"weight_ih_l{layer}"], p[f"weight_hh_l{layer}"], bias.unsqueeze(-1)], dim=-1)
-        w = w.index_select(1, order.to(w.device))  # [K, 4H, I + H + 1], gates (o, i, f, g)
+        w = _gate_major(p, layer, H)  # [K, 4H, I + H + 1], gates (o, i, f, g)
         h0 = c0 = None
         if state is not None:
             h0, c0 = state[0][layer].transpose(1, 2), state[1][layer].transpose(1, 2)
@@ -198,6 +195,74 @@ def step(spec: LSTMSpec, flat: Tensor, x: Tensor, state: State | None = None) ->
     """One time step: `x[K, B, I]` -> logits `[K, B, O]`; for sampling and probing."""
     logits, state = forward(spec, flat, x.unsqueeze(2), state)
     return logits.squeeze(2), state
+
+
+class Stepper:
+    """Single no-grad steps of K members on N sequences each, for sampling.
+
+    The prepared weights (the same `[K, 4H, D]` gate-major blocks as `forward`) and the
+    state buffers are made once, not at every step: a step is then one matmul and
+    seven elementwise ops per layer (the no-grad `_scan`'s, so outputs match `forward`
+    run on the same inputs), plus one copy of each layer's h into the next layer's input.
+    Everything is in the transposed layout: inputs `[K, I, N]`, logits `[K, O, N]`.
+    """
+
+    def __init__(self, spec: LSTMSpec, flat: Tensor, n: int) -> None:
+        flat = flat.detach()
+        K, H = flat.shape[0], spec.hidden_size
+        p = unflatten(spec, flat)
+        self.spec, self.n = spec, n
+        self.w, self.z = [], []
+        for layer in range(spec.num_layers):
+            self.w.append(_gate_major(p, layer, H))
+            self.z.append(flat.new_empty(K, self.w[-1].shape[2], n))
+        self.w_out, self.b_out = p["linear.weight"].contiguous(), p["linear.bias"].unsqueeze(-1).contiguous()
+        self.c = flat.new_empty(spec.num_layers, K, H, n)
+        self.acts = flat.new_empty(K, 4 * H, n)
+        self.tanh_c = flat.new_empty(K, H, n)
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero state."""
+        H = self.spec.hidden_size
+        for z in self.z:
+            z.zero_()
+            z[:, -1] = 1
+        self.c.zero_()
+
+    @property
+    def input(self) -> Tensor:
+        """The next step's input `[K, I, N]`, to be filled in place."""
+        return self.z[0][:, : self.spec.input_size]
+
+    @torch.no_grad()
+    def __call__(self, x: Tensor | None = None) -> Tensor:
+        """One step on `x[K, I, N]` (or on `input` as filled): logits `[K, O, N]`."""
+        if x is not None:
+            self.input.copy_(x)
+        H, acts, tanh_c = self.spec.hidden_size, self.acts, self.tanh_c
+        o, i, f, g, sig = acts[:, :H], acts[:, H : 2 * H], acts[:, 2 * H : 3 * H], acts[:, 3 * H :], acts[:, : 3 * H]
+        L = len(self.w)
+        for layer in range(L):
+            z, c = self.z[layer], self.c[layer]
+            I = z.shape[1] - H - 1
+            torch.bmm(self.w[layer], z, out=acts)
+            sig.sigmoid_()
+            g.tanh_()
+            c.mul_(f)  # f c: the same product as the no-grad `_scan`'s mul(f, c)
+            c.addcmul_(i, g)
+            torch.tanh(c, out=tanh_c)
+            h = torch.mul(o, tanh_c, out=z[:, I : I + H])
+            if layer + 1 < L:
+                self.z[layer + 1][:, :H].copy_(h)
+        return torch.baddbmm(self.b_out, self.w_out, h)
+
+
+def _gate_major(p: dict[str, Tensor], layer: int, H: int) -> Tensor:
+    """`[K, 4H, I + H + 1]`: input, hidden and summed-bias columns, gate rows (o, i, f, g)."""
+    bias = p[f"bias_ih_l{layer}"] + p[f"bias_hh_l{layer}"]
+    w = torch.cat([p[f"weight_ih_l{layer}"], p[f"weight_hh_l{layer}"], bias.unsqueeze(-1)], dim=-1)
+    return w.index_select(1, _OIFG[H].to(w.device))
 
 
 def _forward_autograd(spec: LSTMSpec, flat: Tensor, x: Tensor, state: State | None) -> tuple[Tensor, State]:

@@ -25,12 +25,19 @@ def accuracy_table(zoo: Zoo) -> pl.DataFrame:
     )
 
 
+def _arch(a: dict) -> str:
+    return (
+        f"{a['num_layers']}x{a['hidden_size']} LSTM, {a['input_size']} in, {a['output_size']} out, "
+        f"{a['num_params']:,} parameters"
+    )
+
+
 def describe(zoo: Zoo) -> str:
     meta = zoo.metadata()
     m = zoo.meta
     lines = [
         f"zoo       {zoo.root}",
-        f"kind      {zoo.kind} ({m['origin']}), members {m['architecture']}",
+        f"kind      {zoo.kind} ({m['origin']}); members: {_arch(m['architecture'])}",
         f"size      {meta['member_id'].n_unique()} members, {len(meta)} snapshot rows, "
         f"{len(m['snapshot_steps'])} snapshots at steps {m['snapshot_steps']}",
     ]

@@ -112,20 +112,23 @@ class FormalLanguageTask(Task):
         K, N, T = flat.shape[0], cfg.eval_samples, fl.SEQ_LEN - 1
         # inverse-CDF sampling from per-member uniforms keeps each member's stream its own
         u = torch.stack([torch.rand(N, T, generator=g) for g in self.gens]).to(flat.device)
-        tokens = torch.full((K, N, 1), fl.BOS, dtype=torch.long, device=flat.device)
-        state, logps = None, []
-        for t in range(T):
-            x = F.one_hot(tokens[..., -1], fl.VOCAB).float()
-            out, state = lstm.step(spec, flat, x, state)
-            logp = torch.log_softmax(out, dim=-1)
-            cdf = logp.exp().cumsum(-1)
-            nxt = (cdf < u[:, :, t, None] * cdf[..., -1:]).sum(-1).clamp_max(fl.VOCAB - 1)
-            tokens = torch.cat([tokens, nxt.unsqueeze(-1)], dim=-1)
-            logps.append(logp[:, : cfg.rollouts])
-        correct, _, strict = fl.accept(tokens, self.offsets.to(flat.device)[:, None, :])
+        u = u.permute(2, 0, 1).contiguous()  # [T, K, N]
         R = cfg.rollouts
+        tokens = torch.full((K, T + 1, N), fl.BOS, dtype=torch.long, device=flat.device)
+        logps = flat.new_empty(K, R, T, fl.VOCAB)
+        step = lstm.Stepper(spec, flat, N)
+        x = step.input  # [K, VOCAB, N]: the one-hot previous token, written in place
+        for t in range(T):
+            x.zero_().scatter_(1, tokens[:, t : t + 1], 1.0)
+            logp = torch.log_softmax(step(), dim=1)  # [K, VOCAB, N]: classes on dim 1
+            cdf = logp.exp().cumsum(1)
+            nxt = (cdf < u[t].unsqueeze(1) * cdf[:, -1:]).sum(1).clamp_max(fl.VOCAB - 1)
+            tokens[:, t + 1] = nxt
+            logps[:, :, t] = logp[:, :, :R].transpose(1, 2)
+        tokens = tokens.transpose(1, 2).contiguous()  # [K, N, T + 1]
+        correct, _, strict = fl.accept(tokens, self.offsets.to(flat.device)[:, None, :])
         rollouts = {"sequences": tokens[:, :R].to(torch.int8).cpu().numpy()}
-        logits = torch.stack(logps, dim=2).to(torch.float16).cpu().numpy()  # [K, R, T, O]
+        logits = logps.to(torch.float16).cpu().numpy()  # [K, R, T, O]
         metrics = {
             "accuracy": correct.float().mean(1).cpu().numpy(),
             "strict_accuracy": strict.float().mean(1).cpu().numpy(),
@@ -182,8 +185,7 @@ class MnistTask(Task):
             x, y = self._inputs(chunk), self.labels[chunk]
             logits, _ = lstm.forward(self.cfg.spec, flat, x)
             target = y.unsqueeze(-1).expand(-1, -1, logits.shape[2])
-            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-            losses.append(ce.view(flat.shape[0], -1))
+            losses.append(_ce(logits, target).reshape(flat.shape[0], -1))
             correct.append(logits[:, :, -1].argmax(-1) == y)
             if first_x is None:
                 first_x, first_logits = x, logits
@@ -227,6 +229,21 @@ def make_task(cfg: ZooConfig, plans, generators, device) -> Task:
     return MnistTask(cfg, plans, generators, device)
 
 
+def _ce(logits: Tensor, target: Tensor) -> Tensor:
+    """Per-position cross-entropy of logits `[K, B, T, O]` against `[K, B, T]`: `[K, T, B]`.
+
+    `lstm.forward` returns logits as a view of a `[K, O, T, B]` block; with the classes
+    on dim 1 the log-softmax runs along contiguous positions, over 10x faster than
+    over a last dimension of 6 classes.
+    """
+    return F.cross_entropy(logits.permute(0, 3, 2, 1), target.transpose(1, 2), reduction="none")
+
+
+def _mean_ce(logits: Tensor, target: Tensor) -> Tensor:
+    """Each member's mean cross-entropy: `[K]`."""
+    return _ce(logits, target).reshape(logits.shape[0], -1).mean(1)
+
+
 def train_members(
     cfg: ZooConfig,
     plans: list[MemberPlan],
@@ -247,8 +264,7 @@ def train_members(
         x, y = task.train_batch(s)
         logits, _ = lstm.forward(spec, flat, x)
         K = logits.shape[0]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none")
-        loss = ce.view(K, -1).mean(1).sum()
+        loss = _mean_ce(logits, y).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():  # AdamW's decoupled decay, one rate per member
