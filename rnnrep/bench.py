@@ -218,3 +218,34 @@ def bench_train(task: str, encoders: list[str], batch: int, min_steps: int, out:
         lines.append(f"{r['encoder']:16s}{r['step_s']:>9.3f}{r['steps_per_s']:>9.2f}{r['over_emulator_only']:>10.2f}"
                      f"{r['reference_step_s']:>8.2f}{r['speedup_vs_reference']:>9.2f}")
     return "\n".join(lines)
+
+
+_DRIVER = """
+import json, resource, sys
+from rnnrep.config import BuildOptions, zoo_config
+from rnnrep.zoo.build import build
+cfg = zoo_config("{task}", "tiny", members={members}, steps={steps})
+build(cfg, sys.argv[1], BuildOptions(members_per_actor_batch={per_batch}, progress=False))
+print(json.dumps({{"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}}))
+"""
+
+
+def bench_zoo_memory(task: str, members: int, factor: int, steps: int, members_per_batch: int) -> str:
+    """Driver peak RSS of a build of `members` and of `factor` times as many, each in its own process."""
+    import subprocess
+    import sys
+
+    if members < 1 or factor < 2 or steps < 1:
+        raise ConfigError("--members and --steps must be at least 1, --factor at least 2")
+    peaks = []
+    for n in (members, members * factor):
+        with tempfile.TemporaryDirectory(prefix="rnnrep-mem-") as tmp:
+            code = _DRIVER.format(task=task, members=n, steps=steps, per_batch=members_per_batch)
+            r = subprocess.run([sys.executable, "-c", code, str(Path(tmp) / "zoo")], capture_output=True, text=True)
+            if r.returncode != 0:
+                raise RuntimeError(f"build of {n} members failed:\n{r.stderr[-2000:]}")
+            peaks.append(json.loads(r.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+    return (
+        f"driver peak RSS: {members} members {peaks[0]:.0f} MB, {members * factor} members {peaks[1]:.0f} MB, "
+        f"ratio {peaks[1] / peaks[0]:.2f}"
+    )

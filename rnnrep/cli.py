@@ -144,6 +144,23 @@ def bench_zoo(
     typer.echo(report)
 
 
+@bench_app.command("zoo-memory")
+def bench_zoo_memory(
+    task: TaskOpt = "formal-languages",
+    members: Annotated[int, typer.Option(help="Members of the smaller build.")] = 8,
+    factor: Annotated[int, typer.Option(help="How many times more members the larger build has.")] = 10,
+    steps: Annotated[int, typer.Option(help="Training steps per member.")] = 20,
+    members_per_batch: Annotated[int, typer.Option(help="Members an actor trains together.")] = 4,
+) -> None:
+    """Driver peak memory of a zoo build and of one `factor` times larger (rows must stream to disk)."""
+    from rnnrep.bench import bench_zoo_memory as run
+
+    try:
+        typer.echo(run(task, members, factor, steps, members_per_batch))
+    except _user_errors() as e:
+        _fail(e)
+
+
 @bench_app.command("train")
 def bench_train(
     task: TaskOpt = "formal-languages",
