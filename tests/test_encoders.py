@@ -213,3 +213,17 @@ def test_probing_encoders_are_registered(kind: str) -> None:
     expected = 1_147_030 if kind == "formal-languages" else 1_156_512
     for name in ("noninteractive", "interactive"):
         assert count_parameters(build_encoder(name, spec, kind)) == expected
+
+
+def test_statistics_quantiles_equal_torch_quantile():
+    from rnnrep.lstm import unflatten
+
+    spec = LSTMSpec(3, 4, hidden_size=5)
+    enc = build_encoder("statistics", spec, "formal-languages").double()
+    params = torch.randn(6, spec.num_params, dtype=torch.float64)
+    expected = []
+    for t in unflatten(spec, params).values():
+        x = t.reshape(6, -1)
+        q = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
+        expected += [x.mean(1, keepdim=True), x.var(1, keepdim=True), torch.quantile(x, q, dim=1).T]
+    torch.testing.assert_close(enc.features(params), torch.cat(expected, 1), rtol=0, atol=1e-12)

@@ -42,14 +42,27 @@ class StatisticsEncoder(nn.Module):
         self.head = mlp((num_features, *cfg.hidden, cfg.embedding_size))
 
     def features(self, params: Tensor) -> Tensor:
-        """`[B, num_tensors * (2 + num_quantiles)]`: per tensor mean, variance, quantiles."""
+        """`[B, num_tensors * (2 + num_quantiles)]`: per tensor mean, variance, quantiles.
+
+        Quantiles interpolate linearly between order statistics, as `torch.quantile`
+        does, but from one sort per tensor: `torch.quantile` made this encoder's step
+        several times slower than the emulator it trains with.
+        """
         stats = []
+        q = self.quantiles
         for t in unflatten(self.spec, params).values():
             x = t.reshape(t.shape[0], -1)
+            n = x.shape[1]
+            pos = q * (n - 1)
+            lo = pos.floor().long()
+            hi = torch.clamp(lo + 1, max=n - 1)
+            frac = (pos - lo.to(pos.dtype)).to(x.dtype)
+            srt = x.sort(dim=1).values
+            a, b = srt[:, lo], srt[:, hi]
             stats += [
                 x.mean(dim=1, keepdim=True),
                 x.var(dim=1, keepdim=True),  # unbiased, as the reference
-                torch.quantile(x, self.quantiles, dim=1).T,
+                a + (b - a) * frac,
             ]
         return torch.cat(stats, dim=1)
 
