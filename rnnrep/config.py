@@ -111,7 +111,10 @@ _ZOO_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ),
     ("formal-languages", "paper"): dict(members=1000, steps=20_000, rollouts=100, eval_samples=1000),
     ("sequential-mnist", "tiny"): dict(members=4, steps=20, rollouts=8, eval_samples=64),
-    ("sequential-mnist", "small"): dict(members=32, steps=1000, rollouts=100, eval_samples=1000),
+    ("sequential-mnist", "small"): dict(
+        members=32, steps=1000, rollouts=100, eval_samples=1000,
+        snapshot_steps=(0, 25, 50, 100, 200, 300, 500, 750, 1000),
+    ),
     # 13 batches of 1,000, as the reference's evaluation loop reads
     ("sequential-mnist", "paper"): dict(members=1000, steps=20_000, rollouts=100, eval_samples=13_000),
 }

@@ -326,8 +326,10 @@ def _scan(
     more than the extra ops): q `[T, K, 4H, B]`, d(loss)/d(pre-activation) per unit of
     (dh, dc, dc, dc), and dc_dh `[T, K, H, B]` = o (1 - tanh(c)^2).
 
-    Returns z `[T + 1, K, I + H + 1, B]` (h_t is z[t + 1, :, I : I + H]), the gate
-    activations `[T, K, 4H, B]`, c_T `[K, H, B]`, q and dc_dh (None without `grad`).
+    Only the forget gates `[T, K, H, B]` are kept of the gate activations (one step's
+    gates live in a reused buffer: writing all steps' to fresh memory costs more than
+    the copy of f). Returns z `[T + 1, K, I + H + 1, B]` (h_t is z[t + 1, :, I : I + H]),
+    the forget gates, c_T `[K, H, B]`, q and dc_dh (the last three None without `grad`).
     """
     T, K, I, B = seq.shape
     G, D = w.shape[1], w.shape[2]
@@ -340,42 +342,45 @@ def _scan(
         z[0, :, I : I + H] = 0
     else:
         z[0, :, I : I + H] = h0
-    acts = seq.new_empty(T, K, G, B)
+    acts = seq.new_empty(K, G, B)  # one step's gates: reused, so it stays in cache
     c_buf = seq.new_empty(2, K, H, B)  # c_t, c_{t+1}: ping-pong
     c = c_buf[0]
     c.zero_() if c0 is None else c.copy_(c0)
     tanh_c = seq.new_empty(K, H, B)
     # per-step views, made once: slicing in the loop would cost as much as the math
-    o, i, f, g, sig = (acts[:, :, s].unbind(0) for s in (slice(0, H), slice(H, 2 * H), slice(2 * H, 3 * H), slice(3 * H, G), slice(0, 3 * H)))
+    o, i, f, g, sig = (acts[:, s] for s in (slice(0, H), slice(H, 2 * H), slice(2 * H, 3 * H), slice(3 * H, G), slice(0, 3 * H)))
     zs, hs = z.unbind(0), z[:, :, I : I + H].unbind(0)
     if grad:
         q = seq.new_empty(T, K, G, B)
         dc_dh = seq.new_empty(T, K, H, B)
+        f_all = seq.new_empty(T, K, H, B)  # the backward's only use of the gates
+        fs = f_all.unbind(0)
         pm = seq.new_empty(K, 2 * H, B)  # p = i g, m = f c_{t-1}
         p, m = pm[:, :H], pm[:, H:]
         q_o, q_if, q_g = (q[:, :, s].unbind(0) for s in (slice(0, H), slice(H, 3 * H), slice(3 * H, G)))
-        i_f = acts[:, :, H : 3 * H].unbind(0)
+        i_f = acts[:, H : 3 * H]
     for t in range(T):
-        torch.bmm(w, zs[t], out=acts[t])
-        sig[t].sigmoid_()
-        g[t].tanh_()
+        torch.bmm(w, zs[t], out=acts)
+        sig.sigmoid_()
+        g.tanh_()
         c_new = c_buf[(t + 1) % 2]
         if grad:
-            torch.mul(f[t], c, out=m)
-            torch.mul(i[t], g[t], out=p)
-            torch.addcmul(m, i[t], g[t], out=c_new)  # not m + p: same rounding as without grad
+            fs[t].copy_(f)
+            torch.mul(f, c, out=m)
+            torch.mul(i, g, out=p)
+            torch.addcmul(m, i, g, out=c_new)  # not m + p: same rounding as without grad
         else:
-            torch.mul(f[t], c, out=c_new)
-            c_new.addcmul_(i[t], g[t])
+            torch.mul(f, c, out=c_new)
+            c_new.addcmul_(i, g)
         c = c_new
         torch.tanh(c, out=tanh_c)
-        h = torch.mul(o[t], tanh_c, out=hs[t + 1])
+        h = torch.mul(o, tanh_c, out=hs[t + 1])
         if grad:
-            torch.addcmul(pm, pm, i_f[t], value=-1, out=q_if[t])  # g i (1 - i), c f (1 - f)
-            torch.addcmul(h, h, o[t], value=-1, out=q_o[t])  # tanh(c) o (1 - o)
-            torch.addcmul(i[t], p, g[t], value=-1, out=q_g[t])  # i (1 - g^2)
-            torch.addcmul(o[t], h, tanh_c, value=-1, out=dc_dh[t])  # o (1 - tanh(c)^2)
-    return z, acts, c, (q if grad else None), (dc_dh if grad else None)
+            torch.addcmul(pm, pm, i_f, value=-1, out=q_if[t])  # g i (1 - i), c f (1 - f)
+            torch.addcmul(h, h, o, value=-1, out=q_o[t])  # tanh(c) o (1 - o)
+            torch.addcmul(i, p, g, value=-1, out=q_g[t])  # i (1 - g^2)
+            torch.addcmul(o, h, tanh_c, value=-1, out=dc_dh[t])  # o (1 - tanh(c)^2)
+    return z, (f_all if grad else None), c, (q if grad else None), (dc_dh if grad else None)
 
 
 class _LSTMLayer(torch.autograd.Function):
@@ -389,8 +394,8 @@ class _LSTMLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, seq, w, h0, c0):
-        z, acts, c, q, dc_dh = _scan(seq, w, h0, c0, grad=True)
-        ctx.save_for_backward(w, z, acts, q, dc_dh)
+        z, f, c, q, dc_dh = _scan(seq, w, h0, c0, grad=True)
+        ctx.save_for_backward(w, z, f, q, dc_dh)
         ctx.has_state = h0 is not None
         H = c.shape[1]
         T = seq.shape[0]
@@ -399,11 +404,11 @@ class _LSTMLayer(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_hT, d_cT):
-        w, z, acts, q, dc_dh = ctx.saved_tensors
-        T, K, G, B = acts.shape
+        w, z, f, q, dc_dh = ctx.saved_tensors
+        T, K, G, B = q.shape
         H, D = G // 4, w.shape[2]
         I = D - H - 1
-        f = acts[:, :, 2 * H : 3 * H].unbind(0)
+        f = f.unbind(0)
         q_o, q_ifg = q[:, :, :H].unbind(0), q[:, :, H:].unflatten(2, (3, H)).unbind(0)
         d_acts = w.new_empty(2, K, G, B)  # steps t, t + 1: ping-pong
         d_o, d_ifg = d_acts[:, :, :H], d_acts[:, :, H:].unflatten(2, (3, H))

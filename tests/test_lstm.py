@@ -161,3 +161,25 @@ def test_no_grad_forward_matches_grad_forward():
     b = lstm.forward(spec, flat.clone().requires_grad_(), x)
     assert torch.equal(a[0], b[0].detach())
     assert torch.equal(a[1][0], b[1][0].detach()) and torch.equal(a[1][1], b[1][1].detach())
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[2]])
+def test_stepper_matches_forward(spec):
+    """The sampler's cached-weight steps give the no-grad forward's outputs and state."""
+    K, N, T = 3, 5, 4
+    g = torch.Generator().manual_seed(5)
+    flat = _params(spec, K)
+    x = torch.randn(K, N, T, spec.input_size, generator=g)
+    with torch.no_grad():
+        whole, (h, c) = lstm.forward(spec, flat, x)
+    stepper = lstm.Stepper(spec, flat, N)
+    for rep in range(2):  # reset() starts over from the zero state
+        steps = [stepper(x[:, :, t].transpose(1, 2)).transpose(1, 2) for t in range(T)]
+        torch.testing.assert_close(torch.stack(steps, dim=2), whole, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(stepper.c.transpose(2, 3), c, atol=1e-6, rtol=1e-6)
+        stepper.reset()
+    # a member alone steps bit-identically to the same member among others
+    alone = lstm.Stepper(spec, flat[1:2], N)
+    for t in range(T):
+        xt = x[:, :, t].transpose(1, 2)
+        assert torch.equal(alone(xt[1:2])[0], stepper(xt)[1])
