@@ -65,13 +65,19 @@ def plot_accuracy(zoo: Zoo, path: Path) -> None:
 
     meta = zoo.metadata()
     steps = sorted(meta["step"].unique().to_list())
-    fig, axes = plt.subplots(1, len(steps), figsize=(2.2 * len(steps), 2.4), sharey=True)
-    for ax, step in zip(axes if len(steps) > 1 else [axes], steps):
+    cols = min(5, len(steps))
+    rows = -(-len(steps) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.2 * rows), sharex=True, sharey=True, squeeze=False)
+    for ax in axes.flat[len(steps) :]:
+        ax.axis("off")
+    for ax, step in zip(axes.flat, steps):
         acc = meta.filter(pl.col("step") == step)["accuracy"].to_numpy()
         ax.hist(acc, bins=20, range=(0, 1), color="#4060a0")
         ax.set_title(f"step {step}", fontsize=9)
+    for ax in axes[-1]:
         ax.set_xlabel("accuracy", fontsize=8)
-    axes[0].set_ylabel("snapshots") if len(steps) > 1 else axes.set_ylabel("snapshots")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("snapshots", fontsize=8)
     fig.suptitle(f"{zoo.kind}: accuracy per snapshot step", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
