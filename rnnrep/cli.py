@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from rnnrep.config import PRESETS, TASKS, BuildOptions, ConfigError, zoo_config
+from rnnrep.emulation.cli import embed_cmd, train_cmd
 
 app = typer.Typer(
     help="Learn representations of recurrent-network weights: model zoos, weight encoders, emulation.",
@@ -224,5 +225,5 @@ def quickstart(
         _fail(e)
 
 
-from rnnrep.emulation.cli import embed_cmd, train_cmd  # noqa: E402  (emulation learning commands)
-for _name, _cmd in (("train", train_cmd), ("embed", embed_cmd)): app.command(_name)(_cmd)  # noqa: E701
+app.command("train")(train_cmd)
+app.command("embed")(embed_cmd)

@@ -1,0 +1,196 @@
+"""Emulation learning: the step API, zoo streaming, `rnnrep train` on Ray Train (resume, workers), `rnnrep embed`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rnnrep.cli import app
+from rnnrep.emulation.data import TrainStream, fixed_arrays, fixed_batches
+from rnnrep.emulation.step import (
+    BATCH_COLUMNS,
+    batch_from_arrays,
+    build_model,
+    make_optimizers,
+    train_step,
+)
+from rnnrep.zoo.store import open_zoo, write_manifest, write_part
+
+SMALL_ENCODER = ["--encoder", "flat", "--encoder-opt", "hidden=[16]", "--emulator-opt", "hidden_size=16"]
+
+
+def _train_args(zoo, out, steps, *extra):
+    return ["train", "--zoo", str(zoo), "--out", str(out), "--preset", "tiny", "--steps", str(steps),
+            "--val-every", "3", *SMALL_ENCODER, *extra]
+
+
+def _rewrite_splits(src, dst, split_of):
+    """A copy of zoo `src` whose rows get split `split_of(member_id)` (manifest and checksums updated)."""
+    dst.mkdir()
+    zoo = open_zoo(src)
+    meta = dict(zoo.meta, files={})
+    for f in zoo.files:
+        table = pq.read_table(f)
+        splits = [split_of(m) for m in table.column("member_id").to_pylist()]
+        table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(splits, pa.string()))
+        table = table.filter(pc.not_equal(table.column("split"), ""))
+        meta["files"][f.name] = write_part(dst, f.name, table)
+    meta["rows"] = sum(e["rows"] for e in meta["files"].values())
+    write_manifest(dst, meta)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def zoo3(fl_zoo, tmp_path_factory):
+    """The session's tiny FL zoo with every split present (its 6 members' tasks need not cover val)."""
+    return _rewrite_splits(fl_zoo[0], tmp_path_factory.mktemp("zoo3") / "zoo", lambda m: ("train", "train", "val", "ood")[m % 4])
+
+
+def _rows(out):
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rows]
+
+
+# ---------------------------------------------------------------- step API (no Ray)
+
+
+def test_loss_decreases_on_a_fixed_batch(fl_zoo):
+    zoo = open_zoo(fl_zoo[0])
+    table = next(zoo.iter_tables("train", BATCH_COLUMNS[zoo.kind], 16))
+    batch = batch_from_arrays(zoo.kind, zoo.arrays(table), np.random.default_rng(0))
+    assert batch.params.shape == (len(table), zoo.spec.num_params)
+    assert batch.inputs.shape == (len(table), 41, 6) and batch.targets.shape == (len(table), 41, 6)
+    assert batch.inputs.dtype == batch.targets.dtype == torch.float32
+    torch.manual_seed(0)
+    model = build_model("flat", zoo.spec, zoo.kind, {"hidden_size": 16}, hidden=(16,))
+    optimizers = make_optimizers(model, lr=3e-3)
+    losses = [train_step(model, optimizers, batch) for _ in range(6)]
+    assert losses[-1] < losses[0]
+    assert abs(model.loss(batch).item() - losses[-1]) < 0.1
+
+
+# ---------------------------------------------------------------- data streaming
+
+
+def test_stream_covers_its_split_each_epoch_and_seeks(zoo3):
+    zoo = open_zoo(zoo3)
+    val = fixed_arrays(zoo, "val", None)
+    n = len(val["params"])
+    stream = TrainStream(zoo, "val", batch_size=4, seed=3, buffer_rows=2)
+    seen = torch.cat([stream.batch(s).params for s in range(2 * n // 4 + 1)])
+    key = lambda p: np.sort(np.asarray(p, dtype=np.float64).sum(1))  # noqa: E731
+    np.testing.assert_allclose(key(seen[:n]), key(val["params"]))  # epoch 1: each val row once
+    np.testing.assert_allclose(key(seen[n : 2 * n]), key(val["params"]))  # epoch 2 too
+    # bounded memory: at most two windows of the shuffle buffer are held
+    held = sum(len(w["params"]) for w in stream._window_cache.values())
+    assert held <= 2 * stream.chunks_per_window * max(len(c.rows) for c in stream.chunks)
+    # seekable and deterministic; ranks split the global batch
+    again = TrainStream(zoo, "val", batch_size=4, seed=3, buffer_rows=2)
+    assert torch.equal(again.batch(3).targets, stream.batch(3).targets)
+    halves = [TrainStream(zoo, "val", 4, 3, 2, rank=r, world_size=2).batch(3) for r in (0, 1)]
+    assert torch.equal(torch.cat([h.params for h in halves]), stream.batch(3).params)
+    other_seed = TrainStream(zoo, "val", batch_size=4, seed=4, buffer_rows=2)
+    assert not all(torch.equal(other_seed.batch(s).inputs, stream.batch(s).inputs) for s in range(3))
+
+
+def test_validation_set_is_fixed(zoo3):
+    zoo = open_zoo(zoo3)
+    a = fixed_batches(zoo, "ood", rows=5, batch_size=2)
+    b = fixed_batches(zoo, "ood", rows=5, batch_size=2)
+    assert sum(len(x) for x in a) == min(5, len(fixed_arrays(zoo, "ood", None)["params"]))
+    for x, y in zip(a, b):
+        assert torch.equal(x.params, y.params) and torch.equal(x.inputs, y.inputs) and torch.equal(x.targets, y.targets)
+    ranks = [fixed_batches(zoo, "ood", 5, 2, rank=r, world_size=2) for r in (0, 1)]
+    assert sum(len(x) for r in ranks for x in r) == sum(len(x) for x in a)
+
+
+# ---------------------------------------------------------------- rnnrep train / embed on Ray Train
+
+
+def test_train_resume_embed_and_errors(zoo3, tmp_path):
+    zoo_path = zoo3
+    runner = CliRunner()
+    run, unbroken = tmp_path / "run", tmp_path / "unbroken"
+
+    r = runner.invoke(app, _train_args(zoo_path, run, 6))
+    assert r.exit_code == 0, r.output
+    for name in ("config.json", "metrics.csv", "metrics.jsonl", "checkpoints/best.pt", "checkpoints/last.pt"):
+        assert (run / name).is_file(), name
+    assert list((run / "tb").glob("events.out.tfevents.*"))
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    assert best["architecture"] == open_zoo(zoo_path).spec.to_dict() and "encoder.head.0.weight" in best["model"]
+    metrics = pl.read_csv(run / "metrics.csv")
+    assert metrics["step"].to_list() == [3, 6] and metrics["val_loss"].is_not_null().all()
+    assert {"train_loss", "val_loss", "ood_loss", "best_val_loss"} <= set(metrics.columns)
+
+    # resume with more steps == an unbroken run
+    r = runner.invoke(app, _train_args(zoo_path, run, 9))
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, _train_args(zoo_path, unbroken, 9))
+    assert r.exit_code == 0, r.output
+    assert _rows(run) == _rows(unbroken)
+    assert torch.load(run / "checkpoints/last.pt", weights_only=True)["step"] == 9
+
+    # embed: one unit-norm row per snapshot
+    out = tmp_path / "emb.parquet"
+    r = runner.invoke(app, ["embed", str(run), "--zoo", str(zoo_path), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    emb = pl.read_parquet(out)
+    meta = open_zoo(zoo_path).metadata()
+    assert len(emb) == len(meta) and emb.select("member_id", "snapshot").is_unique().all()
+    z = np.stack(emb["z"].to_list())
+    assert z.shape == (len(meta), 16)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1, atol=1e-5)
+    assert {"split", "task", "step", "accuracy"} <= set(emb.columns)
+
+    # bad input: one line, exit 2, nothing overwritten
+    config_before = (run / "config.json").read_text()
+
+    def fails(args, *words):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, res.output
+        line = res.output.strip().splitlines()[-1]
+        assert line.startswith("error: ") and all(w in line for w in words), line
+
+    fails(_train_args(zoo_path, run, 9, "--lr", "0.5"), "another configuration")
+    assert (run / "config.json").read_text() == config_before
+    fails(_train_args(zoo_path, tmp_path / "x", 0), "steps")
+    fails([*_train_args(zoo_path, tmp_path / "x", 3)[:-6], "--encoder", "nope"], "unknown encoder")
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken)
+    (broken / "checkpoints" / "best.pt").write_bytes(b"not a checkpoint")
+    fails(["embed", str(broken), "--zoo", str(zoo_path), "--out", str(tmp_path / "e2.parquet")], "corrupt")
+    fails(_train_args(zoo_path, broken, 12), "corrupt")
+    assert (broken / "checkpoints" / "best.pt").read_bytes() == b"not a checkpoint"
+    other = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    other["architecture"] = {**other["architecture"], "hidden_size": 16}
+    torch.save(other, broken / "checkpoints" / "best.pt")
+    fails(["embed", str(broken), "--zoo", str(zoo_path), "--out", str(out)], "architecture")
+    assert len(pl.read_parquet(out)) == len(meta)  # the earlier output is untouched
+
+    # a zoo without a val split
+    no_val = _rewrite_splits(zoo_path, tmp_path / "zoo-no-val", lambda m: ("train", "ood")[m % 2])
+    fails(_train_args(no_val, tmp_path / "y", 3), "no rows in split 'val'")
+    assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.slow
+def test_two_workers_match_one(zoo3, tmp_path):
+    runner = CliRunner()
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, workers in ((one, 1), (two, 2)):
+        r = runner.invoke(app, _train_args(zoo3, out, 6, "--workers", str(workers)))
+        assert r.exit_code == 0, r.output
+    a, b = _rows(one), _rows(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for x, y in zip(a, b):  # same 64 members per step, gradients averaged over ranks
+        assert x["val_loss"] == pytest.approx(y["val_loss"], abs=1e-4)
