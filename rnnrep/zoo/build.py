@@ -200,7 +200,9 @@ def build(cfg: ZooConfig, out: str | Path, opts: BuildOptions) -> BuildResult:
         fn_constructor_kwargs=dict(cfg_dict=cfg.to_dict(), device=device, threads=threads, counter=counter),
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        # one batch of members in flight per actor: otherwise the first actor up queues
+        # batches that an idle actor could train
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
         runtime_env={"env_vars": ACTOR_ENV},
         **res,
     )
