@@ -207,20 +207,32 @@ def encoders_cmd(
 
 @app.command()
 def quickstart(
-    out: Annotated[Path, typer.Option(help="Where the quickstart writes its zoo.")] = Path("quickstart"),
+    out: Annotated[Path, typer.Option(help="Where the quickstart writes its zoo, run and embeddings.")] = Path("quickstart"),
+    encoder: Annotated[str, typer.Option(help="Weight encoder to learn.")] = "interactive",
+    train_steps: Annotated[int, typer.Option(help="Emulation training steps.")] = 300,
 ) -> None:
-    """Build a small formal-language zoo on a local Ray (CPU) and summarise it."""
+    """The whole flow on a local Ray (CPU): a small formal-language zoo, an encoder learned by emulation, embeddings."""
+    from rnnrep.emulation.embed import embed
+    from rnnrep.emulation.train import run_training, train_config
     from rnnrep.zoo.build import build
     from rnnrep.zoo.info import describe
     from rnnrep.zoo.store import open_zoo
 
-    zoo_dir = out / "zoo-fl"
-    typer.echo(f"1/2 building a small formal-language zoo in {zoo_dir} (re-running resumes)")
+    zoo_dir, run_dir, emb = out / "zoo-fl", out / f"run-{encoder}", out / f"embeddings-{encoder}.parquet"
     try:
+        typer.echo(f"1/3 building a small formal-language zoo in {zoo_dir} (re-running resumes)")
         result = build(zoo_config("formal-languages", "small"), zoo_dir, BuildOptions())
         typer.echo(f"    {result.members_trained} members trained in {result.seconds:.0f} s")
-        typer.echo("2/2 the zoo:")
         typer.echo(describe(open_zoo(zoo_dir)))
+        typer.echo(f"2/3 learning the {encoder} encoder by emulation for {train_steps} steps in {run_dir}")
+        cfg = train_config("small", zoo=str(zoo_dir), encoder=encoder, steps=train_steps, val_every=100)
+        final = run_training(cfg, run_dir)
+        typer.echo(
+            f"    step {final['step']}: validation TV loss {final['val_loss']:.4f}, OOD {final['ood_loss']:.4f} "
+            f"(best {final['best_val_loss']:.4f})"
+        )
+        rows = embed(run_dir, zoo_dir, emb)
+        typer.echo(f"3/3 embedded {rows} snapshots into {emb} (16 values each, unit norm)")
     except _user_errors() as e:
         _fail(e)
 
