@@ -227,3 +227,14 @@ def test_statistics_quantiles_equal_torch_quantile():
         q = torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=torch.float64)
         expected += [x.mean(1, keepdim=True), x.var(1, keepdim=True), torch.quantile(x, q, dim=1).T]
     torch.testing.assert_close(enc.features(params), torch.cat(expected, 1), rtol=0, atol=1e-12)
+
+
+def test_statistics_feature_cache_changes_nothing():
+    spec = LSTMSpec(3, 4, hidden_size=5)
+    enc = build_encoder("statistics", spec, "formal-languages").double()
+    params = torch.randn(6, spec.num_params, dtype=torch.float64)
+    first = enc.features(params[:4])  # fills the cache for rows 0-3
+    torch.testing.assert_close(first, enc.compute_features(params[:4]), rtol=0, atol=0)
+    mixed = enc.features(params[[3, 5, 0, 4]])  # hits and misses together
+    torch.testing.assert_close(mixed, enc.compute_features(params[[3, 5, 0, 4]]), rtol=0, atol=0)
+    assert len(enc._cache) == 6

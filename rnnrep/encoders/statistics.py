@@ -8,6 +8,7 @@ by construction (and blind to everything that only the arrangement of weights sa
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -28,10 +29,16 @@ class StatisticsConfig:
     hidden: tuple[int, ...] = (768, 768, 768)
     quantiles: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     embedding_size: int = 16
+    # memoise each member's features by a hash of its weights: they are a fixed function
+    # of the weights and every zoo row recurs each epoch, so after the first epoch a step
+    # costs the MLP, not ten sorts (22 of 27 ms per 64 members, measured)
+    cache_features: bool = True
 
 
 class StatisticsEncoder(nn.Module):
     """`params[B, P]` -> unit-norm `z[B, embedding_size]`."""
+
+    MAX_CACHED = 1_000_000  # rows; about 300 MB of features at most
 
     def __init__(self, spec: LSTMSpec, cfg: StatisticsConfig = StatisticsConfig()) -> None:
         super().__init__()
@@ -39,10 +46,27 @@ class StatisticsEncoder(nn.Module):
         # a buffer, so that `.to(dtype)` keeps it in the input's dtype (torch.quantile needs that)
         self.register_buffer("quantiles", torch.tensor(cfg.quantiles), persistent=False)
         num_features = len(spec.tensors) * (2 + len(cfg.quantiles))
+        self._cache: dict[tuple[bytes, str], Tensor] = {}
         self.head = mlp((num_features, *cfg.hidden, cfg.embedding_size))
 
     def features(self, params: Tensor) -> Tensor:
-        """`[B, num_tensors * (2 + num_quantiles)]`: per tensor mean, variance, quantiles.
+        """`[B, num_tensors * (2 + num_quantiles)]`, memoised per row (see the config)."""
+        if not self.cfg.cache_features or params.requires_grad:
+            return self.compute_features(params)
+        rows = params.detach().cpu().contiguous()
+        keys = [
+            (hashlib.sha1(r.numpy()).digest(), str(r.dtype)) for r in rows  # identity, not security
+        ]
+        missing = [i for i, k in enumerate(keys) if k not in self._cache]
+        if missing:
+            if len(self._cache) + len(missing) > self.MAX_CACHED:
+                self._cache.clear()
+            for i, f in zip(missing, self.compute_features(params[missing]).cpu()):
+                self._cache[keys[i]] = f
+        return torch.stack([self._cache[k] for k in keys]).to(params.device)
+
+    def compute_features(self, params: Tensor) -> Tensor:
+        """Per tensor mean, variance, quantiles.
 
         Quantiles interpolate linearly between order statistics, as `torch.quantile`
         does, but from one sort per tensor: `torch.quantile` made this encoder's step
