@@ -194,3 +194,30 @@ def test_two_workers_match_one(zoo3, tmp_path):
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for x, y in zip(a, b):  # same 64 members per step, gradients averaged over ranks
         assert x["val_loss"] == pytest.approx(y["val_loss"], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_unbroken_result(zoo3, tmp_path):
+    """SIGKILL the whole run (driver and its local Ray) mid-way; the re-run ends as an unbroken run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    args = lambda out: [sys.executable, "-m", "rnnrep", *_train_args(zoo3, out, 40)]  # noqa: E731
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp")}
+    unbroken, killed = tmp_path / "unbroken", tmp_path / "killed"
+    assert subprocess.run(args(unbroken), env=env, capture_output=True, timeout=600).returncode == 0
+    proc = subprocess.Popen(args(killed), env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and (not (killed / "metrics.jsonl").exists() or len(_rows(killed)) < 3):
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert len(_rows(killed)) < len(_rows(unbroken)), "the kill should land mid-run"
+    r = subprocess.run(args(killed), env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert _rows(killed) == _rows(unbroken)
