@@ -192,12 +192,12 @@ class InteractiveProbing(_Probing):
         B = params.shape[0]
         state = self.core.initial_state(B)
         out, state = self.core.step(self.bos.expand(B, -1), state)
-        member_state: lstm.State | None = None
+        member = lstm.Prober(self.spec, params)
         probes = []
         for t in range(self.cfg.probe_length):
             query = out + self.cfg.static_weight * self.codes[t] if self.cfg.static_weight else out
             x = self.decode_probes(query)  # [B, M, I]
-            logits, member_state = lstm.step(self.spec, params, x, member_state)  # [B, M, O]
+            logits = member(x)  # [B, M, O]
             out, state = self.core.step(self.read(logits), state)
             probes.append(x)
         out, _ = self.core.step(self.eos.expand(B, -1), state)
