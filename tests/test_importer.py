@@ -82,7 +82,7 @@ def test_import_fl_keeps_split_metrics_and_logits(tmp_path):
     assert meta["strict_accuracy"].is_nan().all()
     arrays = zoo.arrays(next(zoo.iter_tables(columns=["params", "sequences", "logits"])))
     assert (arrays["sequences"][:, :, 0] == fl.BOS).all()  # the quirk is undone
-    x = F.one_hot(torch.from_numpy(arrays["sequences"][:, :, :-1]).long(), 6).float()
+    x = F.one_hot(torch.from_numpy(arrays["sequences"][:, :, :-1].copy()).long(), 6).float()
     out_logits, _ = lstm.forward(zoo.spec, torch.from_numpy(arrays["params"].copy()), x)
     np.testing.assert_allclose(torch.log_softmax(out_logits, -1).numpy(), arrays["logits"].astype(np.float32), atol=1e-2)
 
