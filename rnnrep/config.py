@@ -8,7 +8,7 @@ cluster). Overrides replace fields; nothing else branches on the preset's name.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from rnnrep.lstm import LSTMSpec
@@ -149,4 +149,3 @@ class BuildOptions:
     device: str = "auto"  # auto | cpu | cuda
     overwrite: bool = False
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)

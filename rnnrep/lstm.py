@@ -272,7 +272,6 @@ class Stepper:
 
     def reset(self) -> None:
         """Zero state."""
-        H = self.spec.hidden_size
         for z in self.z:
             z.zero_()
             z[:, -1] = 1

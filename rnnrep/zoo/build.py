@@ -236,7 +236,7 @@ def build(cfg: ZooConfig, out: str | Path, opts: BuildOptions) -> BuildResult:
     seconds = time.perf_counter() - t0
     reconcile(out, meta, cfg)
     if not meta["complete"]:
-        raise RuntimeError(f"build ended with members missing; re-run the same command to resume")
+        raise RuntimeError("build ended with members missing; re-run the same command to resume")
     return BuildResult(out, len(pending), len(done), seconds, total_steps / seconds, device)
 
 

@@ -263,7 +263,6 @@ def train_members(
         lr = lr_at(cfg, max(s - 1, 0))
         x, y = task.train_batch(s)
         logits, _ = lstm.forward(spec, flat, x)
-        K = logits.shape[0]
         loss = _mean_ce(logits, y).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
