@@ -55,7 +55,7 @@ def test_stored_logits_match_torch_lstm(cli_zoo):
     a = zoo.arrays(table)
     for params, seq, logits in zip(a["params"], a["sequences"], a["logits"]):
         mod, lin = lstm.to_modules(zoo.spec, torch.from_numpy(params.copy()))
-        x = F.one_hot(torch.from_numpy(seq[:, :-1]).long(), 6).float()
+        x = F.one_hot(torch.from_numpy(seq[:, :-1].copy()).long(), 6).float()
         with torch.no_grad():
             ref = torch.log_softmax(lin(mod(x)[0]), -1)
         np.testing.assert_allclose(logits.astype(np.float32), ref.numpy(), atol=1e-2, rtol=1e-3)
