@@ -165,7 +165,12 @@ def bench_train(task: str, encoders: list[str], batch: int, min_steps: int, out:
     from rnnrep.config import member_spec
     from rnnrep.emulation.emulator import Emulator, EmulatorConfig
     from rnnrep.emulation.losses import emulation_loss
-    from rnnrep.emulation.step import EmulationBatch, build_model, make_optimizers, train_step
+    from rnnrep.emulation.step import (
+        EmulationBatch,
+        build_model,
+        make_optimizers,
+        train_step,
+    )
     from rnnrep.encoders import ENCODERS
 
     unknown = sorted(set(encoders) - set(ENCODERS))

@@ -9,6 +9,7 @@ import typer
 
 from rnnrep.config import PRESETS, TASKS, BuildOptions, ConfigError, zoo_config
 from rnnrep.emulation.cli import embed_cmd, train_cmd
+from rnnrep.errors import fail, user_errors
 
 app = typer.Typer(
     help="Learn representations of recurrent-network weights: model zoos, weight encoders, emulation.",
@@ -23,20 +24,6 @@ app.add_typer(bench_app, name="bench")
 
 TaskOpt = Annotated[str, typer.Option("--task", help=f"What the members learn: {', '.join(TASKS)}.")]
 PresetOpt = Annotated[str, typer.Option("--preset", help=f"Scale: {', '.join(PRESETS)}.")]
-
-
-def _user_errors():
-    """User errors become one line on stderr and exit code 2; bugs keep their traceback."""
-    from rnnrep.tasks.sequential_mnist import MnistSourceError
-    from rnnrep.tasks.splits import SplitError
-    from rnnrep.zoo.schema import ZooFormatError
-
-    return (ConfigError, ZooFormatError, MnistSourceError, SplitError, FileNotFoundError)
-
-
-def _fail(e: Exception) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2)
 
 
 @zoo_app.command("build")
@@ -77,8 +64,8 @@ def zoo_build(
             gpus_per_actor=gpus_per_actor, overwrite=overwrite, progress=progress,
         )
         result = build(cfg, out, opts)
-    except _user_errors() as e:
-        _fail(e)
+    except user_errors() as e:
+        fail(e)
     if result.members_trained == 0:
         typer.echo(f"{out}: all {result.members_skipped} members already built")
     else:
@@ -100,8 +87,8 @@ def zoo_info(
 
     try:
         zoo = open_zoo(path, verify=verify)
-    except _user_errors() as e:
-        _fail(e)
+    except user_errors() as e:
+        fail(e)
     typer.echo(describe(zoo))
     if plot is not None:
         plot_accuracy(zoo, plot)
@@ -121,8 +108,8 @@ def zoo_import(
 
     try:
         meta = import_reference(source, out, kind=task, rows_per_file=rows_per_file, overwrite=overwrite)
-    except _user_errors() as e:
-        _fail(e)
+    except user_errors() as e:
+        fail(e)
     typer.echo(f"{out}: imported {meta['rows']} snapshot rows of {meta['members']} members ({meta['kind']})")
 
 
@@ -140,8 +127,8 @@ def bench_zoo(
 
     try:
         report = run(task, members, steps, baseline_members, members_per_batch, out)
-    except _user_errors() as e:
-        _fail(e)
+    except user_errors() as e:
+        fail(e)
     typer.echo(report)
 
 
@@ -158,8 +145,8 @@ def bench_zoo_memory(
 
     try:
         typer.echo(run(task, members, factor, steps, members_per_batch))
-    except _user_errors() as e:
-        _fail(e)
+    except user_errors() as e:
+        fail(e)
 
 
 @bench_app.command("train")
@@ -176,8 +163,8 @@ def bench_train(
 
     try:
         typer.echo(run(task, list(encoder or ENCODERS), batch, min_steps, out))
-    except _user_errors() as e:
-        _fail(e)
+    except user_errors() as e:
+        fail(e)
 
 
 @app.command("encoders")
@@ -187,7 +174,13 @@ def encoders_cmd(
 ) -> None:
     """The six weight encoders: parameters (paper architecture) and how each treats neuron permutations."""
     from rnnrep.config import member_spec
-    from rnnrep.encoders import ENCODERS, PROBING, SYMMETRY, build_encoder, count_parameters
+    from rnnrep.encoders import (
+        ENCODERS,
+        PROBING,
+        SYMMETRY,
+        build_encoder,
+        count_parameters,
+    )
 
     try:
         spec = member_spec(task)
@@ -197,8 +190,8 @@ def encoders_cmd(
         for name in ENCODERS:
             extra = {"num_probes": num_probes} if name in PROBING else {}
             rows.append((name, count_parameters(build_encoder(name, spec, task, **extra)), SYMMETRY[name]))
-    except _user_errors() as e:
-        _fail(e)
+    except user_errors() as e:
+        fail(e)
     typer.echo(f"encoders for {task} members ({spec.num_params:,} parameters each), output z of 16 values")
     typer.echo(f"{'encoder':16s}{'parameters':>12s}  permutation symmetry")
     for name, n, sym in rows:
@@ -233,8 +226,8 @@ def quickstart(
         )
         rows = embed(run_dir, zoo_dir, emb)
         typer.echo(f"3/3 embedded {rows} snapshots into {emb} (16 values each, unit norm)")
-    except _user_errors() as e:
-        _fail(e)
+    except user_errors() as e:
+        fail(e)
 
 
 app.command("train")(train_cmd)

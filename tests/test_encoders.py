@@ -8,7 +8,13 @@ import torch
 
 from rnnrep.encoders import ENCODERS, MECHANISTIC, build_encoder, encoder_config
 from rnnrep.encoders.common import count_parameters
-from rnnrep.encoders.dws import DWSConfig, DWSEncoder, feature_shapes, permute_features, to_features
+from rnnrep.encoders.dws import (
+    DWSConfig,
+    DWSEncoder,
+    feature_shapes,
+    permute_features,
+    to_features,
+)
 from rnnrep.encoders.flat import FlatConfig, FlatEncoder
 from rnnrep.encoders.statistics import StatisticsEncoder
 from rnnrep.encoders.transformer import Block, TransformerConfig, TransformerEncoder

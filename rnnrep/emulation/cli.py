@@ -9,17 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from rnnrep.config import PRESETS, ConfigError
-
-
-def _fail(e: Exception) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2)
-
-
-def _user_errors():
-    from rnnrep.zoo.schema import ZooFormatError
-
-    return (ConfigError, ZooFormatError, FileNotFoundError)
+from rnnrep.errors import fail, user_errors
 
 
 def _options(pairs: list[str] | None, flag: str) -> dict[str, Any]:
@@ -66,8 +56,8 @@ def train_cmd(
             emulator=_options(emulator_opt, "--emulator-opt") or None,
         )
         final = run_training(cfg, out, address=address, overwrite=overwrite)
-    except _user_errors() as e:
-        _fail(e)
+    except user_errors() as e:
+        fail(e)
     if final:
         parts = [f"{k} {final[k]:.4f}" for k in ("train_loss", "val_loss", "ood_loss", "best_val_loss") if final.get(k) is not None]
         typer.echo(f"{out}: step {final['step']}: " + ", ".join(parts))
@@ -83,6 +73,6 @@ def embed_cmd(
 
     try:
         rows = embed(run, zoo, out)
-    except _user_errors() as e:
-        _fail(e)
+    except user_errors() as e:
+        fail(e)
     typer.echo(f"{out}: {rows} snapshot embeddings")

@@ -34,7 +34,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rnnrep.emulation.step import BATCH_COLUMNS, ROLLOUT_COLUMN, EmulationBatch, batch_from_arrays
+from rnnrep.emulation.step import (
+    BATCH_COLUMNS,
+    ROLLOUT_COLUMN,
+    EmulationBatch,
+    batch_from_arrays,
+)
 from rnnrep.zoo.schema import ZooFormatError
 from rnnrep.zoo.store import Zoo
 

@@ -19,7 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from rnnrep.emulation.train import check_architecture, load_checkpoint, model_from_checkpoint
+from rnnrep.emulation.train import (
+    check_architecture,
+    load_checkpoint,
+    model_from_checkpoint,
+)
 from rnnrep.zoo.store import open_zoo
 
 

@@ -25,7 +25,14 @@ from rnnrep.config import ConfigError, member_spec
 from rnnrep.tasks import formal_languages as fl
 from rnnrep.tasks.splits import split_of_rows
 from rnnrep.zoo.rows import TASK_NAMES, task_key
-from rnnrep.zoo.schema import FORMAT, METRICS, SCHEMA_VERSION, ZooFormatError, arrow_schema, nested
+from rnnrep.zoo.schema import (
+    FORMAT,
+    METRICS,
+    SCHEMA_VERSION,
+    ZooFormatError,
+    arrow_schema,
+    nested,
+)
 from rnnrep.zoo.store import write_manifest, write_part
 
 COMMON = ("parameters.npy", "sequences.npy", "logits.npy", "tasks.npy")

@@ -12,7 +12,14 @@ from rnnrep.config import ZooConfig
 from rnnrep.tasks import formal_languages as fl
 from rnnrep.tasks.splits import reference_split
 from rnnrep.zoo.members import MemberPlan, Snapshot
-from rnnrep.zoo.schema import FORMAT, METRICS, SCHEMA_VERSION, arrow_schema, nested, rollout_shapes
+from rnnrep.zoo.schema import (
+    FORMAT,
+    METRICS,
+    SCHEMA_VERSION,
+    arrow_schema,
+    nested,
+    rollout_shapes,
+)
 
 TASK_NAMES = {"formal-languages": ["m_b", "m_c", "m_d"], "sequential-mnist": ["angle"]}
 
