@@ -62,7 +62,11 @@ def prepare_output(out: Path, cfg: ZooConfig, overwrite: bool) -> tuple[dict[str
     """Create or reopen the output folder; return its manifest and the finished members."""
     source = data_source(cfg)
     plans = [plan_member(cfg, i) for i in range(cfg.members)]
-    fresh = json.loads(json.dumps(manifest(cfg, plan_splits(cfg, plans), source)))  # as it reads back
+    fresh = manifest(
+        cfg.task, cfg.spec, origin="built", config=cfg.to_dict(), snapshot_steps=list(cfg.snapshot_steps),
+        splits=plan_splits(cfg, plans), rollouts=cfg.rollouts, source=source, members=cfg.members,
+    )
+    fresh = json.loads(json.dumps(fresh))  # as it reads back, so configs compare equal
     if out.exists() and overwrite:
         if out.is_dir() and not (out / MANIFEST).exists() and any(out.iterdir()):
             raise ConfigError(f"{out} exists and is not a zoo; refusing to delete it (choose another --out)")

@@ -20,18 +20,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-import rnnrep
 from rnnrep.config import ConfigError, member_spec
 from rnnrep.tasks import formal_languages as fl
 from rnnrep.tasks.splits import split_of_rows
-from rnnrep.zoo.rows import TASK_NAMES, task_key
+from rnnrep.zoo.rows import manifest, task_key
 from rnnrep.zoo.schema import (
-    FORMAT,
     METRICS,
-    SCHEMA_VERSION,
     ZooFormatError,
     arrow_schema,
     nested,
+    rollout_shapes,
 )
 from rnnrep.zoo.store import write_manifest, write_part
 
@@ -94,7 +92,6 @@ def import_reference(
             "accuracy": steps_info[:, 2].astype(np.float32) / 1000,
             "strict_accuracy": np.full(n, np.nan, dtype=np.float32),
         }
-        expected = {"sequences": (sequences.shape[1], 42), "logits": (sequences.shape[1], 41, spec.output_size)}
     else:
         steps_info = np.asarray(arrays["num_step.npy"])
         member_ids, steps = steps_info[:, 0].astype(np.int64), steps_info[:, 1].astype(np.int64)
@@ -109,7 +106,10 @@ def import_reference(
             "generalization_gap": acc[:, 2] - acc[:, 1],
             "weight_decay": acc[:, 3],
         }
-        expected = {"sequences": (sequences.shape[1], 50, spec.input_size), "logits": (sequences.shape[1], 50, spec.output_size)}
+    rollouts = int(sequences.shape[1])
+    shapes = rollout_shapes(kind, spec, rollouts)
+    stored_as = "sequences" if kind == "formal-languages" else "inputs"  # what sequences.npy holds
+    expected = {"sequences": tuple(shapes[stored_as]), "logits": tuple(shapes["logits"])}
     for name, arr in (("sequences", sequences), ("logits", logits)):
         if tuple(arr.shape[1:]) != expected[name]:
             raise ZooFormatError(
@@ -117,46 +117,26 @@ def import_reference(
             )
     snapshot_steps = sorted(int(s) for s in np.unique(steps))
     snapshot_index = np.searchsorted(snapshot_steps, steps).astype(np.int8)
-    rollouts = int(sequences.shape[1])
-    shapes = (
-        {"sequences": [rollouts, 42], "logits": [rollouts, 41, spec.output_size]}
-        if kind == "formal-languages"
-        else {"inputs": [rollouts, 50, spec.input_size], "labels": [rollouts], "logits": [rollouts, 50, spec.output_size]}
-    )
     split_map = {task_key(t): str(s) for t, s in zip(task_values, splits)}
     args = source / "args.json"
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "schema_version": SCHEMA_VERSION,
-        "rnnrep_version": rnnrep.__version__,
-        "kind": kind,
-        "origin": "imported",
-        "architecture": {**spec.to_dict(), "num_params": spec.num_params},
-        "config": {"source": str(source.resolve()), "reference_args": json.loads(args.read_text()) if args.is_file() else None},
-        "snapshot_steps": snapshot_steps,
-        "task_names": TASK_NAMES[kind],
-        "splits": [{"task": list(t), "split": s} for t, s in sorted(split_map.items())],
-        "shapes": shapes,
-        "logits_are": "log_softmax" if kind == "formal-languages" else "raw",
-        "data_source": {"name": "reference-npy"},
-        "members": int(len(np.unique(member_ids))),
-        "rows": 0,
-        "files": {},
-        "complete": False,
-        "notes": (
-            "strict_accuracy is NaN: the reference stores only counts of correct strings"
-            if kind == "formal-languages"
-            else "labels are -1: the reference does not store the digits' labels"
-        ),
-    }
+    meta = manifest(
+        kind, spec, origin="imported",
+        config={"source": str(source.resolve()), "reference_args": json.loads(args.read_text()) if args.is_file() else None},
+        snapshot_steps=snapshot_steps, splits=split_map, rollouts=rollouts, source={"name": "reference-npy"},
+        members=int(len(np.unique(member_ids))),
+    )
+    meta["notes"] = (
+        "strict_accuracy is NaN: the reference stores only counts of correct strings"
+        if kind == "formal-languages"
+        else "labels are -1: the reference does not store the digits' labels"
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.importing-"))
     try:
         write_manifest(staging, meta)
         order = np.lexsort((snapshot_index, member_ids))
         for start in range(0, n, rows_per_file):
-            rows = np.sort(order[start : start + rows_per_file])  # sorted: sequential reads of the mmaps
-            rows = rows[np.lexsort((snapshot_index[rows], member_ids[rows]))]
+            rows = order[start : start + rows_per_file]
             table = _table(kind, rows, params, sequences, logits, member_ids, snapshot_index, steps, task_values, splits, metrics)
             name = f"part-{start // rows_per_file:05d}.parquet"
             meta["files"][name] = write_part(staging, name, table)

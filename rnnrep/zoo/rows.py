@@ -9,6 +9,7 @@ import pyarrow as pa
 
 import rnnrep
 from rnnrep.config import ZooConfig
+from rnnrep.lstm import LSTMSpec
 from rnnrep.tasks import formal_languages as fl
 from rnnrep.tasks.splits import reference_split
 from rnnrep.zoo.members import MemberPlan, Snapshot
@@ -74,23 +75,34 @@ def snapshot_table(
     return pa.table(columns, schema=arrow_schema(cfg.task))
 
 
-def manifest(cfg: ZooConfig, splits: dict[tuple[float, ...], str], source: dict[str, Any]) -> dict[str, Any]:
-    spec = cfg.spec
+def manifest(
+    kind: str,
+    spec: LSTMSpec,
+    *,
+    origin: str,
+    config: dict[str, Any],
+    snapshot_steps: list[int],
+    splits: dict[tuple[float, ...], str],
+    rollouts: int,
+    source: dict[str, Any],
+    members: int,
+) -> dict[str, Any]:
+    """A new, still empty `zoo.json` for built (`origin="built"`) and imported zoos alike."""
     return {
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
         "rnnrep_version": rnnrep.__version__,
-        "kind": cfg.task,
-        "origin": "built",
+        "kind": kind,
+        "origin": origin,
         "architecture": {**spec.to_dict(), "num_params": spec.num_params},
-        "config": cfg.to_dict(),
-        "snapshot_steps": list(cfg.snapshot_steps),
-        "task_names": TASK_NAMES[cfg.task],
+        "config": config,
+        "snapshot_steps": list(snapshot_steps),
+        "task_names": TASK_NAMES[kind],
         "splits": [{"task": list(t), "split": s} for t, s in sorted(splits.items())],
-        "shapes": rollout_shapes(cfg.task, spec, cfg.rollouts),
-        "logits_are": "log_softmax" if cfg.task == "formal-languages" else "raw",
+        "shapes": rollout_shapes(kind, spec, rollouts),
+        "logits_are": "log_softmax" if kind == "formal-languages" else "raw",
         "data_source": source,
-        "members": cfg.members,
+        "members": members,
         "rows": 0,
         "files": {},
         "complete": False,
