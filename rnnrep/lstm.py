@@ -21,6 +21,8 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from rnnrep import cell
+
 State = tuple[Tensor, Tensor]  # h, c: each (L, K, B, H)
 
 
@@ -290,10 +292,19 @@ class Stepper:
         H, acts, tanh_c = self.spec.hidden_size, self.acts, self.tanh_c
         o, i, f, g, sig = acts[:, :H], acts[:, H : 2 * H], acts[:, 2 * H : 3 * H], acts[:, 3 * H :], acts[:, : 3 * H]
         L = len(self.w)
+        kernel = cell.kernels(acts)
         for layer in range(L):
             z, c = self.z[layer], self.c[layer]
             I = z.shape[1] - H - 1
             torch.bmm(self.w[layer], z, out=acts)
+            if kernel is not None:  # the cell in C, as in `_scan`: c in place, h into z
+                K, D, N = z.shape
+                h_p = z.data_ptr() + I * N * z.element_size()
+                kernel[0](K, H * N, acts.data_ptr(), c.data_ptr(), c.data_ptr(), h_p, D * N, None, None, None)
+                h = z[:, I : I + H]
+                if layer + 1 < L:
+                    self.z[layer + 1][:, :H].copy_(h)
+                continue
             sig.sigmoid_()
             g.tanh_()
             c.mul_(f)  # f c: the same product as the no-grad `_scan`'s mul(f, c)
@@ -406,6 +417,10 @@ def _scan(
         p, m = pm[:, :H], pm[:, H:]
         q_o, q_if, q_g = (q[:, :, s].unbind(0) for s in (slice(0, H), slice(H, 3 * H), slice(3 * H, G)))
         i_f = acts[:, H : 3 * H]
+    kernel = cell.kernels(seq)
+    if kernel is not None:  # one C call per step for the elementwise work (rnnrep/cell.py)
+        _scan_steps_c(kernel[0], w, z, acts, c_buf, T, I, H, f_all if grad else None, q if grad else None, dc_dh if grad else None)
+        return z, (f_all if grad else None), c_buf[T % 2], (q if grad else None), (dc_dh if grad else None)
     for t in range(T):
         torch.bmm(w, zs[t], out=acts)
         sig.sigmoid_()
@@ -430,6 +445,27 @@ def _scan(
     return z, (f_all if grad else None), c, (q if grad else None), (dc_dh if grad else None)
 
 
+def _scan_steps_c(fwd, w, z, acts, c_buf, T, I, H, f_all, q, dc_dh) -> None:
+    """`_scan`'s time loop with the cell in C: a matmul and one kernel call per step.
+
+    Pointers advance by byte offsets computed here, so a step costs no tensor views.
+    """
+    K, D, B = z.shape[1:]
+    HB, size = H * B, z.element_size()
+    zs = z.unbind(0)
+    acts_p, c_p = acts.data_ptr(), (c_buf[0].data_ptr(), c_buf[1].data_ptr())
+    h_p, h_step = z.data_ptr() + (K * D * B + I * B) * size, K * D * B * size
+    step = K * HB * size
+    f_p, d_p, q_p = (None if t is None else t.data_ptr() for t in (f_all, dc_dh, q))
+    for t in range(T):
+        torch.bmm(w, zs[t], out=acts)
+        if f_p is None:
+            fwd(K, HB, acts_p, c_p[t % 2], c_p[(t + 1) % 2], h_p + t * h_step, D * B, None, None, None)
+        else:
+            fwd(K, HB, acts_p, c_p[t % 2], c_p[(t + 1) % 2], h_p + t * h_step, D * B,
+                f_p + t * step, q_p + 4 * t * step, d_p + t * step)
+
+
 class _LSTMLayer(torch.autograd.Function):
     """One LSTM layer of K members (see `_scan`) with a hand-written backward.
 
@@ -451,17 +487,16 @@ class _LSTMLayer(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_out, d_hT, d_cT):
-        w, z, f, q, dc_dh = ctx.saved_tensors
+        w, z, f_all, q, dc_dh_all = ctx.saved_tensors
         T, K, G, B = q.shape
         H, D = G // 4, w.shape[2]
         I = D - H - 1
-        f = f.unbind(0)
+        f, dc_dh = f_all.unbind(0), dc_dh_all.unbind(0)
         q_o, q_ifg = q[:, :, :H].unbind(0), q[:, :, H:].unflatten(2, (3, H)).unbind(0)
         d_acts = w.new_empty(2, K, G, B)  # steps t, t + 1: ping-pong
         d_o, d_ifg = d_acts[:, :, :H], d_acts[:, :, H:].unflatten(2, (3, H))
         d_out = d_out.contiguous().unbind(0)
         z_t = z.transpose(2, 3).unbind(0)
-        dc_dh = dc_dh.unbind(0)
         w_h_t = w[:, :, I : I + H].transpose(1, 2).contiguous()  # [K, H, 4H]
         need_x = ctx.needs_input_grad[0]
         if need_x:
@@ -469,17 +504,27 @@ class _LSTMLayer(torch.autograd.Function):
             d_seq = w.new_empty(T, K, I, B)
             d_seq_t = d_seq.unbind(0)
         d_w = w.new_zeros(K, G, D)
-        dc = d_cT.clone()
+        dc = d_cT.clone(memory_format=torch.contiguous_format)
+        kernel = cell.kernels(w)
+        if kernel is not None:  # byte pointers of each step's blocks, as in `_scan_steps_c`
+            size, HB = w.element_size(), H * B
+            f_p, dcdh_p, q_p = f_all.data_ptr(), dc_dh_all.data_ptr(), q.data_ptr()
+            step, dc_p, acts_p = K * HB * size, dc.data_ptr(), (d_acts[0].data_ptr(), d_acts[1].data_ptr())
         for t in range(T - 1, -1, -1):
             j = t % 2
             if t == T - 1:
                 dh = d_out[t] + d_hT
             else:
                 dh = torch.baddbmm(d_out[t], w_h_t, d_acts[1 - j])
-                dc.mul_(f[t + 1])
-            dc.addcmul_(dh, dc_dh[t])
-            torch.mul(dc.unsqueeze(1), q_ifg[t], out=d_ifg[j])
-            torch.mul(dh, q_o[t], out=d_o[j])
+            if kernel is not None:
+                f_next = None if t == T - 1 else f_p + (t + 1) * step
+                kernel[1](K, HB, dh.data_ptr(), dc_p, f_next, dcdh_p + t * step, q_p + 4 * t * step, acts_p[j])
+            else:
+                if t < T - 1:
+                    dc.mul_(f[t + 1])
+                dc.addcmul_(dh, dc_dh[t])
+                torch.mul(dc.unsqueeze(1), q_ifg[t], out=d_ifg[j])
+                torch.mul(dh, q_o[t], out=d_o[j])
             d_w.baddbmm_(d_acts[j], z_t[t])
             if need_x:
                 torch.bmm(w_x_t, d_acts[j], out=d_seq_t[t])

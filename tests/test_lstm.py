@@ -1,13 +1,26 @@
 """The functional zoo-member LSTM: agreement with torch.nn, the fused backward,
-the flat layout, the hidden-neuron symmetry, and member independence."""
+the flat layout, the hidden-neuron symmetry, and member independence.
+
+Every test runs twice: with the C cell kernel (`rnnrep/cell.py`) and with the same
+math in torch ops (what GPUs and machines without a compiler run).
+"""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rnnrep import lstm
+from rnnrep import cell, lstm
 from rnnrep.lstm import LSTMSpec
+
+@pytest.fixture(autouse=True, params=["c-kernel", "torch-ops"])
+def cell_path(request, monkeypatch):
+    if request.param == "torch-ops":
+        monkeypatch.setattr(cell, "kernels", lambda t: None)
+    else:
+        assert cell.library() is not None, "the C cell kernel did not build on this machine"
+    return request.param
+
 
 SPECS = [LSTMSpec(6, 6), LSTMSpec(16, 10), LSTMSpec(3, 2, hidden_size=5, num_layers=3)]
 

@@ -68,7 +68,7 @@ def test_mnist_zoo_logits_match_torch_lstm(mnist_zoo):
     assert set(meta.columns) >= {"accuracy", "train_loss", "eval_loss", "generalization_gap", "weight_decay"}
     a = zoo.arrays(next(zoo.iter_tables(columns=["params", "inputs", "labels", "logits"])))
     assert a["inputs"].shape[1:] == (cfg.rollouts, 50, 16) and (a["labels"] >= 0).all()
-    mod, lin = lstm.to_modules(zoo.spec, torch.from_numpy(a["params"][0]))
+    mod, lin = lstm.to_modules(zoo.spec, torch.from_numpy(a["params"][0].copy()))
     with torch.no_grad():
         ref = lin(mod(torch.from_numpy(a["inputs"][0].astype(np.float32)))[0])
     np.testing.assert_allclose(a["logits"][0].astype(np.float32), ref.numpy(), atol=1e-2, rtol=1e-3)

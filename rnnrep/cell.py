@@ -1,0 +1,103 @@
+"""The fused LSTM cell kernel (`_cell.c`), compiled for this machine on first use.
+
+At a member's size the per-step elementwise work, not the matmul, is most of a
+training step, and it is a dozen small ATen ops. One C call per step does it in a
+single pass (`rnnrep bench zoo` measures the whole build). The kernel is plain C
+with no torch headers: it compiles in about a second with the system C compiler and
+loads through ctypes, so installing rnnrep needs no build step. Without a compiler,
+or with `RNNREP_CELL_KERNEL=0`, `lstm` runs the same math in torch ops (always so on
+GPUs); results then differ in the last bits, not in meaning.
+
+Builds are cached per source, compiler flags and CPU (`-march=native`) under
+`$RNNREP_CACHE` (default `~/.cache/rnnrep`), written to a temp name and renamed, so
+concurrent Ray actors on one node at worst compile twice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import cache
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("_cell.c")
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fPIC", "-shared"]
+_P, _I = ctypes.c_void_p, ctypes.c_int64
+
+
+def _cpu_id() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor()
+    lines = [l for l in text.splitlines() if l.startswith(("model name", "flags"))]
+    return "\n".join(sorted(set(lines)))
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("RNNREP_CACHE") or Path.home() / ".cache" / "rnnrep"
+    return Path(root) / "kernels"
+
+
+def _compile(compiler: str) -> Path:
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join([compiler, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    target = _cache_dir() / f"cell-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True, text=True)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+@cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, or None (disabled, no compiler, or the build failed: logged)."""
+    if os.environ.get("RNNREP_CELL_KERNEL", "1") == "0":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if compiler is None:
+        log.warning("no C compiler found: the LSTM cell runs as torch ops (slower zoo builds)")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_compile(compiler)))
+    except (OSError, subprocess.CalledProcessError) as err:
+        detail = getattr(err, "stderr", "") or err
+        log.warning("compiling the LSTM cell kernel failed, using torch ops: %s", detail)
+        return None
+    for suffix in ("f32", "f64"):
+        getattr(lib, f"cell_forward_{suffix}").argtypes = [_I, _I, _P, _P, _P, _P, _I, _P, _P, _P]
+        getattr(lib, f"cell_backward_{suffix}").argtypes = [_I, _I, _P, _P, _P, _P, _P, _P]
+    return lib
+
+
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+
+
+def kernels(t: Tensor):
+    """`(forward, backward)` C functions for `t`'s dtype, or None where the kernel does not apply."""
+    if t.device.type != "cpu" or t.dtype not in _SUFFIX:
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    s = _SUFFIX[t.dtype]
+    return getattr(lib, f"cell_forward_{s}"), getattr(lib, f"cell_backward_{s}")

@@ -1,0 +1,96 @@
+"""The C cell kernel against the LSTM cell written in torch ops, and its build."""
+
+import logging
+
+import pytest
+import torch
+
+from rnnrep import cell
+
+K, H, B = 3, 5, 7
+
+
+def _cell_torch(acts, c_prev):
+    """The cell and its backward factors, gate rows (o, i, f, g), as `_cell.c` defines them."""
+    o, i, f, g = acts.double().unflatten(1, (4, H)).unbind(1)
+    o, i, f, g = o.sigmoid(), i.sigmoid(), f.sigmoid(), g.tanh()
+    c = f * c_prev.double() + i * g
+    tc = c.tanh()
+    q = torch.cat([tc * o * (1 - o), g * i * (1 - i), c_prev.double() * f * (1 - f), i * (1 - g * g)], 1)
+    return c, o * tc, f, q, o * (1 - tc * tc)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-14)])
+def test_forward_matches_torch(dtype, tol):
+    fwd, _ = cell.kernels(torch.zeros((), dtype=dtype))
+    gen = torch.Generator().manual_seed(0)
+    # pre-activations well past the saturation points and the exp clamp of float32
+    acts = (torch.randn(K, 4 * H, B, generator=gen, dtype=torch.float64) * 30).to(dtype)
+    acts[0, 0, :4] = torch.tensor([-200.0, 200.0, 0.0, -1e-6])
+    c_prev = torch.randn(K, H, B, generator=gen, dtype=dtype) * 3
+    out = [torch.empty(K, H, B, dtype=dtype) for _ in range(3)] + [torch.empty(K, 4 * H, B, dtype=dtype)]
+    h_buf = torch.full((K, H + 2, B), float("nan"), dtype=dtype)  # h written into a strided block
+    c_new, f, dc_dh, q = out
+    fwd(K, H * B, acts.data_ptr(), c_prev.data_ptr(), c_new.data_ptr(), h_buf[:, 1:].data_ptr(), (H + 2) * B,
+        f.data_ptr(), q.data_ptr(), dc_dh.data_ptr())
+    want = _cell_torch(acts, c_prev)
+    for got, ref in zip((c_new, h_buf[:, 1 : H + 1], f, q, dc_dh), want):
+        torch.testing.assert_close(got.double(), ref, atol=tol, rtol=tol)
+    assert h_buf[:, 0].isnan().all() and h_buf[:, H + 1].isnan().all(), "wrote outside h's rows"
+    # the no-grad variant: same c and h bit for bit, in place (c_prev is c_new)
+    c_inplace, h2 = c_prev.clone(), torch.empty(K, H, B, dtype=dtype)
+    fwd(K, H * B, acts.data_ptr(), c_inplace.data_ptr(), c_inplace.data_ptr(), h2.data_ptr(), H * B, None, None, None)
+    assert torch.equal(c_inplace, c_new) and torch.equal(h2, h_buf[:, 1 : H + 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("last_step", [True, False])
+def test_backward_matches_torch(dtype, last_step):
+    _, bwd = cell.kernels(torch.zeros((), dtype=dtype))
+    gen = torch.Generator().manual_seed(1)
+    dh, dc, f_next, dc_dh = (torch.randn(K, H, B, generator=gen, dtype=dtype) for _ in range(4))
+    q = torch.randn(K, 4 * H, B, generator=gen, dtype=dtype)
+    want_dc = (dc if last_step else dc * f_next) + dh * dc_dh
+    want = torch.cat([dh * q[:, :H], want_dc.repeat(1, 3, 1) * q[:, H:]], 1)
+    d_acts = torch.empty(K, 4 * H, B, dtype=dtype)
+    bwd(K, H * B, dh.data_ptr(), dc.data_ptr(), None if last_step else f_next.data_ptr(), dc_dh.data_ptr(),
+        q.data_ptr(), d_acts.data_ptr())
+    torch.testing.assert_close(dc, want_dc, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(d_acts, want, atol=1e-6, rtol=1e-6)
+
+
+def test_applies_to_cpu_float_only():
+    assert cell.kernels(torch.zeros(1, dtype=torch.float16)) is None
+    assert cell.kernels(torch.zeros(1, dtype=torch.int64)) is None
+    assert cell.kernels(torch.zeros(1)) is not None
+
+
+def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
+    monkeypatch.setenv("RNNREP_CACHE", str(tmp_path))
+    cell.library.cache_clear()
+    try:
+        assert cell.library() is not None
+        built = list((tmp_path / "kernels").iterdir())
+        assert len(built) == 1 and built[0].suffix == ".so", built  # no temp files left
+        mtime = built[0].stat().st_mtime_ns
+        cell.library.cache_clear()
+        assert cell.library() is not None
+        assert built[0].stat().st_mtime_ns == mtime, "rebuilt although cached"
+    finally:
+        cell.library.cache_clear()
+
+
+@pytest.mark.parametrize("env", [{"CC": "/nonexistent/cc"}, {"RNNREP_CELL_KERNEL": "0"}])
+def test_falls_back_to_torch_ops(tmp_path, monkeypatch, caplog, env):
+    monkeypatch.setenv("RNNREP_CACHE", str(tmp_path))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cell.library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="rnnrep.cell"):
+            assert cell.kernels(torch.zeros(1)) is None
+        if "CC" in env:
+            assert "compiling the LSTM cell kernel failed" in caplog.text
+        assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").iterdir())
+    finally:
+        cell.library.cache_clear()
