@@ -253,3 +253,90 @@ def bench_zoo_memory(task: str, members: int, factor: int, steps: int, members_p
         f"driver peak RSS: {members} members {peaks[0]:.0f} MB, {members * factor} members {peaks[1]:.0f} MB, "
         f"ratio {peaks[1] / peaks[0]:.2f}"
     )
+
+
+LSTM_IMPLS = ("nn.LSTM per member", "batched autograd", "fused, torch ops", "fused, C cell kernel", "torch.compile")
+
+
+def bench_lstm(task: str, members: int, threads: int, min_steps: int, compile_: bool, device: str) -> str:
+    """Member-steps/s of one member training step (forward, backward, Adam) per LSTM implementation.
+
+    The zoo build's choice per device: nn.LSTM one member at a time (the reference),
+    K members in plain batched autograd ops, the fused layer with its elementwise work
+    in torch ops (what GPUs run) or in the C cell kernel (what CPUs run), and
+    torch.compile of the batched autograd step (`--compile`: minutes to compile).
+    """
+    from rnnrep import cell, lstm
+    from rnnrep.zoo.members import _mean_ce
+
+    if members < 1 or threads < 1 or min_steps < 1:
+        raise ConfigError("--members, --threads and --min-steps must be at least 1")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device here; use --device cpu")
+    torch.set_num_threads(threads)
+    cfg = zoo_config(task, "tiny")
+    spec, B = cfg.spec, cfg.batch_size
+    T = 41 if task == "formal-languages" else 50
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(members, B, T, spec.input_size, generator=g).to(device)
+    y = torch.randint(0, spec.output_size, (members, B, T), generator=g).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def batched(impl: str):
+        flat = lstm.init_params(spec, [torch.Generator().manual_seed(i) for i in range(members)]).to(device)
+        flat.requires_grad_()
+        opt = torch.optim.Adam([flat], lr=1e-3, foreach=False)
+
+        def step() -> None:
+            logits, _ = lstm.forward(spec, flat, x, impl=impl)
+            opt.zero_grad(set_to_none=True)
+            _mean_ce(logits, y).sum().backward()
+            opt.step()
+
+        return step
+
+    def per_member():
+        mods = [lstm.to_modules(spec, lstm.init_params(spec, [torch.Generator().manual_seed(i)])[0]) for i in range(members)]
+        mods = [(m.to(device), lin.to(device)) for m, lin in mods]
+        opts = [torch.optim.AdamW([*m.parameters(), *lin.parameters()], lr=1e-3) for m, lin in mods]
+
+        def step() -> None:
+            for k, ((m, lin), opt) in enumerate(zip(mods, opts)):
+                out, _ = m(x[k])
+                loss = F.cross_entropy(lin(out).reshape(-1, spec.output_size), y[k].reshape(-1))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+        return step
+
+    def timed(step) -> float:
+        def run() -> None:
+            step()
+            sync()
+
+        return members / _time_steps(run, min_steps, 1.0)
+
+    rows = {LSTM_IMPLS[0]: timed(per_member()), LSTM_IMPLS[1]: timed(batched("autograd"))}
+    kernels = cell.kernels
+    try:
+        cell.kernels = lambda t: None
+        rows[LSTM_IMPLS[2]] = timed(batched("fused"))
+    finally:
+        cell.kernels = kernels
+    if device == "cpu" and cell.library() is not None:
+        rows[LSTM_IMPLS[3]] = timed(batched("fused"))
+    if compile_:
+        step = batched("autograd")
+        compiled = torch.compile(step)
+        t0 = time.perf_counter()
+        compiled()
+        compile_s = time.perf_counter() - t0
+        rows[f"{LSTM_IMPLS[4]} (compiled in {compile_s:.0f} s)"] = timed(compiled)
+    base = rows[LSTM_IMPLS[0]]
+    lines = [f"{task}, {members} members, batch {B}, {threads} thread(s), {device}: member-steps/s of a training step",
+             f"{'implementation':36s}{'member-steps/s':>15s}{'vs nn.LSTM':>12s}"]
+    best = max(rows, key=rows.get)
+    for name, v in rows.items():
+        lines.append(f"{name:36s}{v:>15.1f}{v / base:>11.2f}x" + ("  <- fastest" if name == best else ""))
+    return "\n".join(lines)

@@ -167,6 +167,24 @@ def bench_train(
         fail(e)
 
 
+@bench_app.command("lstm")
+def bench_lstm(
+    task: TaskOpt = "formal-languages",
+    members: Annotated[int, typer.Option(help="Members trained together (an actor's batch).")] = 16,
+    threads: Annotated[int, typer.Option(help="Torch threads (a build's actors use 1 each).")] = 1,
+    min_steps: Annotated[int, typer.Option(help="Timed steps per implementation (at least 1 s each).")] = 5,
+    compile: Annotated[bool, typer.Option("--compile", help="Also time torch.compile (takes minutes).")] = False,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Which member-LSTM implementation trains fastest on this device, side by side."""
+    from rnnrep.bench import bench_lstm as run
+
+    try:
+        typer.echo(run(task, members, threads, min_steps, compile, device))
+    except user_errors() as e:
+        fail(e)
+
+
 @app.command("encoders")
 def encoders_cmd(
     task: TaskOpt = "formal-languages",

@@ -3,6 +3,7 @@
 import re
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from rnnrep.cli import app
@@ -35,3 +36,18 @@ def test_help_lists_commands():
     assert r.exit_code == 0
     for cmd in ("zoo", "encoders", "bench", "quickstart"):
         assert cmd in r.output
+
+
+def test_bench_lstm_times_every_implementation():
+    r = runner.invoke(app, ["bench", "lstm", "--members", "2", "--min-steps", "1"])
+    assert r.exit_code == 0, r.output
+    rates = dict(re.findall(r"^(\S.*?)\s{2,}([\d.]+)\s+[\d.]+x", r.output, re.M))
+    assert set(rates) == {"nn.LSTM per member", "batched autograd", "fused, torch ops", "fused, C cell kernel"}, r.output
+    assert all(float(v) > 0 for v in rates.values())
+    assert "<- fastest" in r.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_bench_lstm_refuses_a_missing_gpu():
+    r = runner.invoke(app, ["bench", "lstm", "--device", "cuda"])
+    assert r.exit_code != 0 and "no CUDA device" in r.output
