@@ -340,3 +340,30 @@ def bench_lstm(task: str, members: int, threads: int, min_steps: int, compile_: 
     for name, v in rows.items():
         lines.append(f"{name:36s}{v:>15.1f}{v / base:>11.2f}x" + ("  <- fastest" if name == best else ""))
     return "\n".join(lines)
+
+
+def bench_train_memory(task: str, members: int, factor: int, encoder: str, steps: int) -> str:
+    """Peak RSS of the training worker on a zoo and on one `factor` times larger.
+
+    Both zoos are built here (tiny members, a few steps: what matters is the rows),
+    then trained for the same steps; the worker's peak comes from its metrics.
+    """
+    from rnnrep.emulation.train import run_training, train_config
+    from rnnrep.zoo.build import build
+
+    if members < 1 or factor < 2 or steps < 2:
+        raise ConfigError("--members must be at least 1, --factor at least 2, --steps at least 2")
+    peaks, rows = [], []
+    with tempfile.TemporaryDirectory(prefix="rnnrep-trainmem-") as tmp:
+        for n in (members, members * factor):
+            cfg = zoo_config(task, "tiny", members=n, steps=10)
+            zoo = Path(tmp) / f"zoo{n}"
+            build(cfg, zoo, BuildOptions(progress=False))
+            tcfg = train_config("tiny", zoo=str(zoo), encoder=encoder, steps=steps, val_every=steps // 2)
+            last = run_training(tcfg, Path(tmp) / f"run{n}")
+            peaks.append(last["peak_rss_mb"])
+            rows.append(len(cfg.snapshot_steps) * n)
+    return (
+        f"training worker peak RSS ({encoder}, {steps} steps): zoo of {members} members ({rows[0]} rows) "
+        f"{peaks[0]:.0f} MB, {members * factor} members ({rows[1]} rows) {peaks[1]:.0f} MB, ratio {peaks[1] / peaks[0]:.2f}"
+    )

@@ -167,6 +167,23 @@ def bench_train(
         fail(e)
 
 
+@bench_app.command("train-memory")
+def bench_train_memory(
+    task: TaskOpt = "formal-languages",
+    members: Annotated[int, typer.Option(help="Members of the smaller zoo.")] = 40,
+    factor: Annotated[int, typer.Option(help="How many times more members the larger zoo has.")] = 10,
+    encoder: Annotated[str, typer.Option(help="Encoder to train.")] = "flat",
+    steps: Annotated[int, typer.Option(help="Training steps on each zoo.")] = 40,
+) -> None:
+    """Training worker's peak memory on a zoo and on one `factor` times larger (training must stream)."""
+    from rnnrep.bench import bench_train_memory as run
+
+    try:
+        typer.echo(run(task, members, factor, encoder, steps))
+    except user_errors() as e:
+        fail(e)
+
+
 @bench_app.command("lstm")
 def bench_lstm(
     task: TaskOpt = "formal-languages",

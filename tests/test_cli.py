@@ -51,3 +51,8 @@ def test_bench_lstm_times_every_implementation():
 def test_bench_lstm_refuses_a_missing_gpu():
     r = runner.invoke(app, ["bench", "lstm", "--device", "cuda"])
     assert r.exit_code != 0 and "no CUDA device" in r.output
+
+
+def test_bench_train_memory_refuses_bad_sizes():
+    r = runner.invoke(app, ["bench", "train-memory", "--factor", "1"])
+    assert r.exit_code != 0 and "--factor at least 2" in r.output

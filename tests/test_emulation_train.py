@@ -57,7 +57,7 @@ def zoo3(fl_zoo, tmp_path_factory):
 
 def _rows(out):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("steps_per_s", "peak_rss_mb")} for r in rows]
 
 
 # ---------------------------------------------------------------- step API (no Ray)

@@ -33,6 +33,7 @@ import io
 import json
 import math
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -335,6 +336,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "val_loss": sums[2] / sums[3] if sums[3] else None,
                 "ood_loss": sums[4] / sums[5] if sums[5] else None,
                 "steps_per_s": train_n / seconds,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # this worker's
             }
             improved = metrics["val_loss"] is not None and metrics["val_loss"] < best
             if improved:
