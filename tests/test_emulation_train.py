@@ -15,6 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from rnnrep.cli import app
+from rnnrep.emulation import data
 from rnnrep.emulation.data import TrainStream, fixed_arrays, fixed_batches
 from rnnrep.emulation.step import (
     BATCH_COLUMNS,
@@ -100,6 +101,27 @@ def test_stream_covers_its_split_each_epoch_and_seeks(zoo3):
     assert torch.equal(torch.cat([h.params for h in halves]), stream.batch(3).params)
     other_seed = TrainStream(zoo, "val", batch_size=4, seed=4, buffer_rows=2)
     assert not all(torch.equal(other_seed.batch(s).inputs, stream.batch(s).inputs) for s in range(3))
+
+
+@pytest.mark.parametrize("buffer_rows", [10_000, 1])
+def test_stream_decodes_a_split_that_fits_its_buffer_once(zoo3, monkeypatch, buffer_rows):
+    zoo = open_zoo(zoo3)
+    reads = []
+    real = data._read_chunk
+    monkeypatch.setattr(data, "_read_chunk", lambda z, c: reads.append(c) or real(z, c))
+    stream = TrainStream(zoo, "train", batch_size=4, seed=0, buffer_rows=buffer_rows)
+    first = [stream.batch(s) for s in range(3 * stream.rows // 4)]  # three epochs
+    chunks = len(stream.chunks)
+    fits = stream.chunks_per_window >= chunks
+    assert fits == (buffer_rows == 10_000) and chunks > 1
+    per_epoch = 0 if fits else chunks
+    assert len(reads) == chunks + 2 * per_epoch
+    # the cache changes nothing: a stream that forgets its decoded chunks gives the same batches
+    fresh = TrainStream(zoo, "train", batch_size=4, seed=0, buffer_rows=buffer_rows)
+    for s, b in enumerate(first):
+        fresh._decoded = {}
+        got = fresh.batch(s)
+        assert torch.equal(got.params, b.params) and torch.equal(got.targets, b.targets)
 
 
 def test_validation_set_is_fixed(zoo3):

@@ -86,16 +86,20 @@ def _rollouts(zoo: Zoo) -> int:
     return int(zoo.shapes["logits"][0])
 
 
-def _read_rows(zoo: Zoo, chunk: Chunk, rows: np.ndarray, rollouts: np.ndarray) -> dict[str, np.ndarray]:
-    """Dense arrays of `rows` of a chunk's row group, each row with its one rollout `rollouts[i]`."""
-    kind = zoo.kind
-    table = pq.ParquetFile(zoo.files[chunk.file]).read_row_group(chunk.row_group, columns=BATCH_COLUMNS[kind])
-    table = table.take(pa.array(rows))
-    arrays = zoo.arrays(table)
-    index = np.arange(len(rows))
+def _read_chunk(zoo: Zoo, chunk: Chunk) -> dict[str, np.ndarray]:
+    """Dense arrays of a chunk's rows, all rollouts (`chunk.rows` order)."""
+    table = pq.ParquetFile(zoo.files[chunk.file]).read_row_group(chunk.row_group, columns=BATCH_COLUMNS[zoo.kind])
+    # densify the whole row group, then select in numpy: Arrow's take on nested
+    # lists cost as much as the read itself
+    return {k: v[chunk.rows] for k, v in zoo.arrays(table).items()}
+
+
+def _pick(kind: str, dense: dict[str, np.ndarray], slots: np.ndarray, rollouts: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows `slots` of a chunk's dense arrays, each with its one rollout."""
+    out = {"params": dense["params"][slots]}
     for name in (ROLLOUT_COLUMN[kind], "logits"):
-        arrays[name] = np.ascontiguousarray(arrays[name][index, rollouts])
-    return arrays
+        out[name] = dense[name][slots, rollouts]
+    return out
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -126,6 +130,7 @@ class TrainStream:
         self.chunks_per_window = max(1, buffer_rows // chunk_rows)
         self._epoch_cache: tuple[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] | None = None
         self._window_cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
+        self._decoded: dict[int, dict[str, np.ndarray]] = {}  # chunk id -> all its rows, all rollouts
 
     def _epoch(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per window of an epoch: chunk ids, and per row of the window (in order) its chunk-local slot and rollout."""
@@ -153,11 +158,16 @@ class TrainStream:
         key = (epoch, w)
         if key not in self._window_cache:
             ids, pos, roll = self._epoch(epoch)[w]
-            parts = []
+            parts, decoded = [], {}
             for j, cid in enumerate(ids):
                 mine = np.flatnonzero(pos[:, 0] == j)  # window rows from this chunk, in window order
-                chunk = self.chunks[cid]
-                parts.append((mine, _read_rows(self.zoo, chunk, chunk.rows[pos[mine, 1]], roll[mine])))
+                dense = self._decoded.get(cid)
+                if dense is None:
+                    dense = _read_chunk(self.zoo, self.chunks[cid])
+                decoded[cid] = dense
+                parts.append((mine, _pick(self.zoo.kind, dense, pos[mine, 1], roll[mine])))
+            # a split that fits one window is decoded once, not once per epoch
+            self._decoded = decoded if len(ids) == len(self.chunks) else {}
             n = len(pos)
             arrays = {k: np.empty((n, *v.shape[1:]), v.dtype) for k, v in parts[0][1].items()}
             for mine, a in parts:
@@ -205,9 +215,9 @@ def fixed_arrays(zoo: Zoo, split: str, rows: int | None, seed: int = 0) -> dict[
     for chunk in split_chunks(zoo, split):
         if left <= 0:
             break
-        take = chunk.rows[: int(min(left, len(chunk.rows)))]
-        parts.append(_read_rows(zoo, chunk, take, rng.integers(0, _rollouts(zoo), len(take))))
-        left -= len(take)
+        n = int(min(left, len(chunk.rows)))
+        parts.append(_pick(zoo.kind, _read_chunk(zoo, chunk), np.arange(n), rng.integers(0, _rollouts(zoo), n)))
+        left -= n
     return _concat(parts) if parts else None
 
 

@@ -69,7 +69,10 @@ def write_part(root: Path, name: str, table: pa.Table) -> dict[str, Any]:
     fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{name}.", suffix=".tmp")
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd", row_group_size=max(1, min(len(table), 256)))
+        pq.write_table(
+            table, tmp, compression="zstd", row_group_size=max(1, min(len(table), 256)),
+            use_dictionary=_dictionary_columns(table.schema),
+        )
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -77,6 +80,16 @@ def write_part(root: Path, name: str, table: pa.Table) -> dict[str, Any]:
         Path(tmp).unlink(missing_ok=True)
         raise
     return part_entry(path, table)
+
+
+def _dictionary_columns(schema: pa.Schema) -> list[str]:
+    """Columns worth dictionary encoding: the scalar ones, not the arrays.
+
+    Weights and logits have almost no repeated values, so a dictionary only costs:
+    with it, decoding a row group of a formal-language zoo took 3x longer (logits
+    114 vs 36 ms per 256 rows, measured), and training reads every row each epoch.
+    """
+    return [f.name for f in schema if not pa.types.is_list(f.type)]
 
 
 def part_entry(path: Path, table: pa.Table) -> dict[str, Any]:
