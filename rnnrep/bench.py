@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rnnrep.config import BuildOptions, ConfigError, zoo_config
+from rnnrep.malloc import keep_freed_memory
 from rnnrep.tasks import formal_languages as fl
 from rnnrep.zoo.members import lr_at, plan_member
 
@@ -103,6 +104,7 @@ def bench_zoo(
         raise ConfigError("--members, --steps and --baseline-members must be at least 1")
     from rnnrep.zoo.build import build
 
+    keep_freed_memory()  # as the build's actors do: the baseline gets the same allocator
     peak = matmul_peak_gflops()
     base = baseline_fl(baseline_members, steps)
     cfg = zoo_config(task, "small", members=members, steps=steps)
@@ -178,6 +180,7 @@ def bench_train(task: str, encoders: list[str], batch: int, min_steps: int, out:
         raise ConfigError(f"unknown encoder(s) {unknown}: choose from {', '.join(ENCODERS)}")
     if batch < 1 or min_steps < 1:
         raise ConfigError("--batch and --min-steps must be at least 1")
+    keep_freed_memory()  # as training workers do
     spec = member_spec(task)
     T = 41 if task == "formal-languages" else 50
     g = torch.Generator().manual_seed(0)
@@ -274,6 +277,7 @@ def bench_lstm(task: str, members: int, threads: int, min_steps: int, compile_: 
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device here; use --device cpu")
     torch.set_num_threads(threads)
+    keep_freed_memory()  # as the build's actors do
     cfg = zoo_config(task, "tiny")
     spec, B = cfg.spec, cfg.batch_size
     T = 41 if task == "formal-languages" else 50

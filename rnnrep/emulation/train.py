@@ -280,8 +280,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from rnnrep.emulation.data import TrainStream, fixed_batches
     from rnnrep.emulation.step import build_model, make_optimizers, train_step, unwrap
+    from rnnrep.malloc import keep_freed_memory
     from rnnrep.zoo.store import open_zoo
 
+    keep_freed_memory()
     cfg = TrainConfig.from_dict(config["cfg"])
     run = Path(config["run"])
     ctx = ray.train.get_context()

@@ -29,14 +29,6 @@ from rnnrep.zoo.rows import manifest, plan_splits, snapshot_table
 from rnnrep.zoo.store import MANIFEST, part_entry, write_manifest, write_part
 
 PROGRESS_EVERY = 25  # training steps between progress reports from an actor
-# glibc hands large buffers back to the OS on free, so every training step page-faults
-# its activations in again; these keep them in the process (measured: about 0.5 ms
-# per member-step of fresh page faults saved). Read by actor processes at start-up.
-ACTOR_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": "33554432",
-    "MALLOC_TRIM_THRESHOLD_": "4294967296",
-    "MALLOC_TOP_PAD_": "268435456",
-}
 
 
 @dataclass
@@ -130,6 +122,9 @@ class MemberTrainer:
     def __init__(self, cfg_dict: dict[str, Any], device: str, threads: int, counter=None):
         import torch
 
+        from rnnrep.malloc import keep_freed_memory
+
+        keep_freed_memory()
         torch.set_num_threads(threads)
         self.cfg = ZooConfig.from_dict(cfg_dict)
         self.device = device
@@ -207,7 +202,6 @@ def build(cfg: ZooConfig, out: str | Path, opts: BuildOptions) -> BuildResult:
         # one batch of members in flight per actor: otherwise the first actor up queues
         # batches that an idle actor could train
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-        runtime_env={"env_vars": ACTOR_ENV},
         **res,
     )
 
