@@ -68,12 +68,17 @@ def _compile(compiler: str) -> Path:
     return target
 
 
+def find_compiler() -> str | None:
+    """`$CC`, else the first of cc, gcc, clang on the PATH."""
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
 @cache
 def library() -> ctypes.CDLL | None:
     """The compiled kernel, or None (disabled, no compiler, or the build failed: logged)."""
     if os.environ.get("RNNREP_CELL_KERNEL", "1") == "0":
         return None
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = find_compiler()
     if compiler is None:
         log.warning("no C compiler found: the LSTM cell runs as torch ops (slower zoo builds)")
         return None

@@ -17,8 +17,10 @@ from rnnrep.lstm import LSTMSpec
 def cell_path(request, monkeypatch):
     if request.param == "torch-ops":
         monkeypatch.setattr(cell, "kernels", lambda t: None)
-    else:
-        assert cell.library() is not None, "the C cell kernel did not build on this machine"
+    elif cell.library() is None:
+        if cell.find_compiler() is None:
+            pytest.skip("no C compiler: the cell kernel cannot be built here")
+        pytest.fail("a C compiler is here but the cell kernel did not build (see the logged warning)")
     return request.param
 
 
