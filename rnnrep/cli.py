@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -113,6 +114,15 @@ def zoo_import(
     typer.echo(f"{out}: imported {meta['rows']} snapshot rows of {meta['members']} members ({meta['kind']})")
 
 
+def _report(run: Callable[..., str], *args: Any) -> None:
+    """Print a benchmark's report; a user error becomes one line and exit 2."""
+    try:
+        report = run(*args)
+    except user_errors() as e:
+        fail(e)
+    typer.echo(report)
+
+
 @bench_app.command("zoo")
 def bench_zoo(
     task: TaskOpt = "formal-languages",
@@ -125,11 +135,7 @@ def bench_zoo(
     """Member-steps/s of a whole zoo build vs the reference's one-member nn.LSTM loop, same machine."""
     from rnnrep.bench import bench_zoo as run
 
-    try:
-        report = run(task, members, steps, baseline_members, members_per_batch, out)
-    except user_errors() as e:
-        fail(e)
-    typer.echo(report)
+    _report(run, task, members, steps, baseline_members, members_per_batch, out)
 
 
 @bench_app.command("zoo-memory")
@@ -143,10 +149,7 @@ def bench_zoo_memory(
     """Driver peak memory of a zoo build and of one `factor` times larger (rows must stream to disk)."""
     from rnnrep.bench import bench_zoo_memory as run
 
-    try:
-        typer.echo(run(task, members, factor, steps, members_per_batch))
-    except user_errors() as e:
-        fail(e)
+    _report(run, task, members, factor, steps, members_per_batch)
 
 
 @bench_app.command("train")
@@ -161,10 +164,7 @@ def bench_train(
     from rnnrep.bench import bench_train as run
     from rnnrep.encoders import ENCODERS
 
-    try:
-        typer.echo(run(task, list(encoder or ENCODERS), batch, min_steps, out))
-    except user_errors() as e:
-        fail(e)
+    _report(run, task, list(encoder or ENCODERS), batch, min_steps, out)
 
 
 @bench_app.command("train-memory")
@@ -178,10 +178,7 @@ def bench_train_memory(
     """Training worker's peak memory on a zoo and on one `factor` times larger (training must stream)."""
     from rnnrep.bench import bench_train_memory as run
 
-    try:
-        typer.echo(run(task, members, factor, encoder, steps))
-    except user_errors() as e:
-        fail(e)
+    _report(run, task, members, factor, encoder, steps)
 
 
 @bench_app.command("lstm")
@@ -196,10 +193,7 @@ def bench_lstm(
     """Which member-LSTM implementation trains fastest on this device, side by side."""
     from rnnrep.bench import bench_lstm as run
 
-    try:
-        typer.echo(run(task, members, threads, min_steps, compile, device))
-    except user_errors() as e:
-        fail(e)
+    _report(run, task, members, threads, min_steps, compile, device)
 
 
 @app.command("encoders")
