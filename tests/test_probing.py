@@ -115,3 +115,20 @@ def test_static_weight_mixes_codes_into_interactive_queries():
     mixed = tiny(InteractiveProbing, "formal-languages", static_weight=0.5)
     mixed.load_state_dict(plain.state_dict())
     assert not torch.allclose(plain.rollout(params)[1], mixed.rollout(params)[1])
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+@pytest.mark.parametrize("learn", [False, True])
+def test_core_starts_from_zeros_as_the_reference_does(encoder, learn):
+    enc = tiny(encoder, "formal-languages", learn_initial_state=learn)
+    x = members(TINY["formal-languages"], 3)
+    before = enc(x)
+    before.sum().backward()
+    with torch.no_grad():
+        enc.core.h0.add_(1.0)
+        enc.core.c0.add_(1.0)
+    after = enc(x)
+    if learn:
+        assert not torch.allclose(before, after) and enc.core.h0.grad is not None
+    else:  # the parameters exist (the paper's count) but play no part
+        assert torch.equal(before, after) and enc.core.h0.grad is None and enc.core.c0.grad is None

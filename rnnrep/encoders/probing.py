@@ -58,6 +58,7 @@ class ProbingConfig:
     probe_length: int = 22
     residual: bool = True
     static_weight: float = 0.0
+    learn_initial_state: bool = False  # the reference starts the core from zeros
 
     def __post_init__(self) -> None:
         for name in ("embedding_size", "core_hidden", "core_layers", "mlp_hidden", "num_probes", "probe_length"):
@@ -93,19 +94,24 @@ class ResidualLSTMCore(nn.Module):
 
     Held as single-layer `nn.LSTM`s so that a whole sequence runs in the fused
     kernel (non-interactive); `step` runs the same weights one step at a time with
-    the fused cell op that `nn.LSTMCell` uses (interactive). The initial state
-    `h0`, `c0` is learned and starts at zero; the reference allocates these same
-    parameters but always starts from zeros, so the two agree at initialisation.
+    the fused cell op that `nn.LSTMCell` uses (interactive). The reference allocates
+    an initial state `h0`, `c0` but always starts from zeros; so does this core by
+    default (the parameters exist, unused, for the paper's parameter count), and
+    `learn_initial_state` trains them instead.
     """
 
-    def __init__(self, size: int, num_layers: int, residual: bool) -> None:
+    def __init__(self, size: int, num_layers: int, residual: bool, learn_initial_state: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(nn.LSTM(size, size, batch_first=True) for _ in range(num_layers))
         self.h0 = nn.Parameter(torch.zeros(num_layers, size))
         self.c0 = nn.Parameter(torch.zeros(num_layers, size))
         self.residual = residual
+        self.learn_initial_state = learn_initial_state
 
     def initial_state(self, batch: int) -> list[tuple[Tensor, Tensor]]:
+        if not self.learn_initial_state:
+            zeros = self.h0.new_zeros(batch, self.h0.shape[1])
+            return [(zeros, zeros)] * len(self.layers)
         return [(h.expand(batch, -1), c.expand(batch, -1)) for h, c in zip(self.h0, self.c0)]
 
     def sequence(self, x: Tensor) -> Tensor:
@@ -135,7 +141,7 @@ class _Probing(nn.Module):
         _check_kind(kind)
         self.spec, self.kind, self.cfg = spec, kind, cfg
         D, E, M = cfg.core_hidden, cfg.mlp_hidden, cfg.num_probes
-        self.core = ResidualLSTMCore(D, cfg.core_layers, cfg.residual)
+        self.core = ResidualLSTMCore(D, cfg.core_layers, cfg.residual, cfg.learn_initial_state)
         self.bos = nn.Parameter(torch.zeros(D))
         self.eos = nn.Parameter(torch.zeros(D))
         # L + 1 codes as in the reference, which queries only the first L of them.
