@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import tempfile
 import threading
 import time
@@ -153,13 +154,24 @@ REFERENCE_STEP_S = {
 }
 
 
-def _time_steps(fn, min_steps: int, min_seconds: float) -> float:
-    fn()  # warm-up
-    n, t0 = 0, time.perf_counter()
-    while n < min_steps or time.perf_counter() - t0 < min_seconds:
-        fn()
-        n += 1
-    return (time.perf_counter() - t0) / n
+def _time_steps(*fns, min_steps: int, min_seconds: float) -> list[float]:
+    """Median seconds per call of each of `fns`, called in turn (round robin).
+
+    Medians, because on a shared 2-core machine a few steps are stretched by other
+    processes; in turn, because the machine's speed drifts over seconds (the
+    emulator-only step measured 0.051 and 0.054 s in two runs), and a ratio of two
+    steps is only fair when both saw the same conditions.
+    """
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    while len(times[0]) < min_steps or time.perf_counter() - start < min_seconds * len(fns):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [statistics.median(ts) for ts in times]
 
 
 def bench_train(task: str, encoders: list[str], batch: int, min_steps: int, out: Path | None) -> str:
@@ -169,6 +181,7 @@ def bench_train(task: str, encoders: list[str], batch: int, min_steps: int, out:
     from rnnrep.emulation.losses import emulation_loss
     from rnnrep.emulation.step import (
         EmulationBatch,
+        adamw,
         build_model,
         make_optimizers,
         train_step,
@@ -191,7 +204,7 @@ def bench_train(task: str, encoders: list[str], batch: int, min_steps: int, out:
     )
     # the emulator alone: the floor under every encoder's step
     emulator = Emulator(spec.input_size, spec.output_size, EmulatorConfig())
-    opt = torch.optim.AdamW(emulator.parameters(), lr=1e-4, weight_decay=0.01)
+    opt = adamw(emulator)  # as make_optimizers builds it
     z = torch.nn.functional.normalize(torch.randn(batch, 16, generator=g), dim=-1)
 
     def emulator_step() -> None:
@@ -200,26 +213,29 @@ def bench_train(task: str, encoders: list[str], batch: int, min_steps: int, out:
         torch.nn.utils.clip_grad_norm_(emulator.parameters(), 0.1)
         opt.step()
 
-    emu_s = _time_steps(emulator_step, min_steps, 2.0)
-    rows = []
+    rows, emu_times = [], []
     for name in encoders:
         model = build_model(name, spec, task)
         opts = make_optimizers(model)
-        s = _time_steps(lambda: train_step(model, opts, data), min_steps, 2.0)
+        emu_s, s = _time_steps(emulator_step, lambda: train_step(model, opts, data), min_steps=min_steps, min_seconds=2.0)
+        emu_times.append(emu_s)
         rows.append(
             {
                 "encoder": name,
                 "step_s": round(s, 4),
                 "steps_per_s": round(1 / s, 2),
+                "emulator_only_step_s": round(emu_s, 4),
                 "over_emulator_only": round(s / emu_s, 2),
                 "reference_step_s": REFERENCE_STEP_S[name],
                 "speedup_vs_reference": round(REFERENCE_STEP_S[name] / s, 2),
             }
         )
+    emu_s = statistics.median(emu_times)
     res = {"task": task, "batch": batch, "threads": torch.get_num_threads(), "emulator_only_step_s": round(emu_s, 4), "encoders": rows}
     if out is not None:
         out.write_text(json.dumps(res, indent=1) + "\n")
-    lines = [f"{task}, batch {batch}, {res['threads']} threads; emulator-only step {emu_s:.3f} s",
+    lines = [f"{task}, batch {batch}, {res['threads']} threads; emulator-only step {emu_s:.3f} s "
+             "(timed in turn with each encoder; /emulator is against that encoder's turns)",
              f"{'encoder':16s}{'step s':>9s}{'steps/s':>9s}{'/emulator':>10s}{'ref s':>8s}{'speed-up':>9s}"]
     for r in rows:
         lines.append(f"{r['encoder']:16s}{r['step_s']:>9.3f}{r['steps_per_s']:>9.2f}{r['over_emulator_only']:>10.2f}"
@@ -319,7 +335,7 @@ def bench_lstm(task: str, members: int, threads: int, min_steps: int, compile_: 
             step()
             sync()
 
-        return members / _time_steps(run, min_steps, 1.0)
+        return members / _time_steps(run, min_steps=min_steps, min_seconds=1.0)[0]
 
     rows = {LSTM_IMPLS[0]: timed(per_member()), LSTM_IMPLS[1]: timed(batched("autograd"))}
     kernels = cell.kernels
