@@ -126,8 +126,8 @@ def _report(run: Callable[..., str], *args: Any) -> None:
 @bench_app.command("zoo")
 def bench_zoo(
     task: TaskOpt = "formal-languages",
-    members: Annotated[int, typer.Option(help="Members in the timed build.")] = 32,
-    steps: Annotated[int, typer.Option(help="Training steps per member.")] = 500,
+    members: Annotated[int, typer.Option(help="Members in the timed build (default: the small preset's).")] = 64,
+    steps: Annotated[int, typer.Option(help="Training steps per member (default: the small preset's).")] = 2000,
     baseline_members: Annotated[int, typer.Option(help="Members the one-at-a-time baseline trains.")] = 2,
     members_per_batch: Annotated[int, typer.Option(help="Members an actor trains together.")] = 16,
     out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,
