@@ -6,6 +6,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from rnnrep import cell
 from rnnrep.cli import app
 
 runner = CliRunner()
@@ -42,7 +43,10 @@ def test_bench_lstm_times_every_implementation():
     r = runner.invoke(app, ["bench", "lstm", "--members", "2", "--min-steps", "1"])
     assert r.exit_code == 0, r.output
     rates = dict(re.findall(r"^(\S.*?)\s{2,}([\d.]+)\s+[\d.]+x", r.output, re.M))
-    assert set(rates) == {"nn.LSTM per member", "batched autograd", "fused, torch ops", "fused, C cell kernel"}, r.output
+    expected = {"nn.LSTM per member", "batched autograd", "fused, torch ops", "fused, C cell kernel"}
+    if cell.find_compiler() is None:  # no compiler, no kernel to time
+        expected.discard("fused, C cell kernel")
+    assert set(rates) == expected, r.output
     assert all(float(v) > 0 for v in rates.values())
     assert "<- fastest" in r.output
 
