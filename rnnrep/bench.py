@@ -338,12 +338,8 @@ def bench_lstm(task: str, members: int, threads: int, min_steps: int, compile_: 
         return members / _time_steps(run, min_steps=min_steps, min_seconds=1.0)[0]
 
     rows = {LSTM_IMPLS[0]: timed(per_member()), LSTM_IMPLS[1]: timed(batched("autograd"))}
-    kernels = cell.kernels
-    try:
-        cell.kernels = lambda t: None
+    with cell.torch_ops():
         rows[LSTM_IMPLS[2]] = timed(batched("fused"))
-    finally:
-        cell.kernels = kernels
     if device == "cpu" and cell.library() is not None:
         rows[LSTM_IMPLS[3]] = timed(batched("fused"))
     if compile_:

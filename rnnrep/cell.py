@@ -23,6 +23,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -95,11 +97,26 @@ def library() -> ctypes.CDLL | None:
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_torch_ops_depth = 0  # > 0 inside `torch_ops()`
+
+
+@contextmanager
+def torch_ops() -> Iterator[None]:
+    """Within the block the cell runs as torch ops even where the kernel is built.
+
+    For comparing the two paths (`rnnrep bench lstm`, the tests); not thread-safe.
+    """
+    global _torch_ops_depth
+    _torch_ops_depth += 1
+    try:
+        yield
+    finally:
+        _torch_ops_depth -= 1
 
 
 def kernels(t: Tensor):
     """`(forward, backward)` C functions for `t`'s dtype, or None where the kernel does not apply."""
-    if t.device.type != "cpu" or t.dtype not in _SUFFIX:
+    if _torch_ops_depth or t.device.type != "cpu" or t.dtype not in _SUFFIX:
         return None
     lib = library()
     if lib is None:

@@ -297,20 +297,18 @@ class Stepper:
             z, c = self.z[layer], self.c[layer]
             I = z.shape[1] - H - 1
             torch.bmm(self.w[layer], z, out=acts)
+            h = z[:, I : I + H]
             if kernel is not None:  # the cell in C, as in `_scan`: c in place, h into z
                 K, D, N = z.shape
                 h_p = z.data_ptr() + I * N * z.element_size()
                 kernel[0](K, H * N, acts.data_ptr(), c.data_ptr(), c.data_ptr(), h_p, D * N, None, None, None)
-                h = z[:, I : I + H]
-                if layer + 1 < L:
-                    self.z[layer + 1][:, :H].copy_(h)
-                continue
-            sig.sigmoid_()
-            g.tanh_()
-            c.mul_(f)  # f c: the same product as the no-grad `_scan`'s mul(f, c)
-            c.addcmul_(i, g)
-            torch.tanh(c, out=tanh_c)
-            h = torch.mul(o, tanh_c, out=z[:, I : I + H])
+            else:
+                sig.sigmoid_()
+                g.tanh_()
+                c.mul_(f)  # f c: the same product as the no-grad `_scan`'s mul(f, c)
+                c.addcmul_(i, g)
+                torch.tanh(c, out=tanh_c)
+                torch.mul(o, tanh_c, out=h)
             if layer + 1 < L:
                 self.z[layer + 1][:, :H].copy_(h)
         return torch.baddbmm(self.b_out, self.w_out, h)
@@ -402,47 +400,18 @@ def _scan(
         z[0, :, I : I + H] = h0
     acts = seq.new_empty(K, G, B)  # one step's gates: reused, so it stays in cache
     c_buf = seq.new_empty(2, K, H, B)  # c_t, c_{t+1}: ping-pong
-    c = c_buf[0]
-    c.zero_() if c0 is None else c.copy_(c0)
-    tanh_c = seq.new_empty(K, H, B)
-    # per-step views, made once: slicing in the loop would cost as much as the math
-    o, i, f, g, sig = (acts[:, s] for s in (slice(0, H), slice(H, 2 * H), slice(2 * H, 3 * H), slice(3 * H, G), slice(0, 3 * H)))
-    zs, hs = z.unbind(0), z[:, :, I : I + H].unbind(0)
+    c_buf[0].zero_() if c0 is None else c_buf[0].copy_(c0)
+    f_all = q = dc_dh = None
     if grad:
         q = seq.new_empty(T, K, G, B)
         dc_dh = seq.new_empty(T, K, H, B)
         f_all = seq.new_empty(T, K, H, B)  # the backward's only use of the gates
-        fs = f_all.unbind(0)
-        pm = seq.new_empty(K, 2 * H, B)  # p = i g, m = f c_{t-1}
-        p, m = pm[:, :H], pm[:, H:]
-        q_o, q_if, q_g = (q[:, :, s].unbind(0) for s in (slice(0, H), slice(H, 3 * H), slice(3 * H, G)))
-        i_f = acts[:, H : 3 * H]
     kernel = cell.kernels(seq)
     if kernel is not None:  # one C call per step for the elementwise work (rnnrep/cell.py)
-        _scan_steps_c(kernel[0], w, z, acts, c_buf, T, I, H, f_all if grad else None, q if grad else None, dc_dh if grad else None)
-        return z, (f_all if grad else None), c_buf[T % 2], (q if grad else None), (dc_dh if grad else None)
-    for t in range(T):
-        torch.bmm(w, zs[t], out=acts)
-        sig.sigmoid_()
-        g.tanh_()
-        c_new = c_buf[(t + 1) % 2]
-        if grad:
-            fs[t].copy_(f)
-            torch.mul(f, c, out=m)
-            torch.mul(i, g, out=p)
-            torch.addcmul(m, i, g, out=c_new)  # not m + p: same rounding as without grad
-        else:
-            torch.mul(f, c, out=c_new)
-            c_new.addcmul_(i, g)
-        c = c_new
-        torch.tanh(c, out=tanh_c)
-        h = torch.mul(o, tanh_c, out=hs[t + 1])
-        if grad:
-            torch.addcmul(pm, pm, i_f, value=-1, out=q_if[t])  # g i (1 - i), c f (1 - f)
-            torch.addcmul(h, h, o, value=-1, out=q_o[t])  # tanh(c) o (1 - o)
-            torch.addcmul(i, p, g, value=-1, out=q_g[t])  # i (1 - g^2)
-            torch.addcmul(o, h, tanh_c, value=-1, out=dc_dh[t])  # o (1 - tanh(c)^2)
-    return z, (f_all if grad else None), c, (q if grad else None), (dc_dh if grad else None)
+        _scan_steps_c(kernel[0], w, z, acts, c_buf, T, I, H, f_all, q, dc_dh)
+    else:
+        _scan_steps_torch(w, z, acts, c_buf, T, I, H, f_all, q, dc_dh)
+    return z, f_all, c_buf[T % 2], q, dc_dh
 
 
 def _scan_steps_c(fwd, w, z, acts, c_buf, T, I, H, f_all, q, dc_dh) -> None:
@@ -464,6 +433,44 @@ def _scan_steps_c(fwd, w, z, acts, c_buf, T, I, H, f_all, q, dc_dh) -> None:
         else:
             fwd(K, HB, acts_p, c_p[t % 2], c_p[(t + 1) % 2], h_p + t * h_step, D * B,
                 f_p + t * step, q_p + 4 * t * step, d_p + t * step)
+
+
+def _scan_steps_torch(w, z, acts, c_buf, T, I, H, f_all, q, dc_dh) -> None:
+    """`_scan`'s time loop with the cell in torch ops (GPUs, or no C compiler)."""
+    K, B, G = z.shape[1], z.shape[3], 4 * H
+    grad = f_all is not None
+    tanh_c = acts.new_empty(K, H, B)
+    # per-step views, made once: slicing in the loop would cost as much as the math
+    o, i, f, g, sig = (acts[:, s] for s in (slice(0, H), slice(H, 2 * H), slice(2 * H, 3 * H), slice(3 * H, G), slice(0, 3 * H)))
+    zs, hs = z.unbind(0), z[:, :, I : I + H].unbind(0)
+    c = c_buf[0]
+    if grad:
+        fs = f_all.unbind(0)
+        pm = acts.new_empty(K, 2 * H, B)  # p = i g, m = f c_{t-1}
+        p, m = pm[:, :H], pm[:, H:]
+        q_o, q_if, q_g = (q[:, :, s].unbind(0) for s in (slice(0, H), slice(H, 3 * H), slice(3 * H, G)))
+        i_f = acts[:, H : 3 * H]
+    for t in range(T):
+        torch.bmm(w, zs[t], out=acts)
+        sig.sigmoid_()
+        g.tanh_()
+        c_new = c_buf[(t + 1) % 2]
+        if grad:
+            fs[t].copy_(f)
+            torch.mul(f, c, out=m)
+            torch.mul(i, g, out=p)
+            torch.addcmul(m, i, g, out=c_new)  # not m + p: same rounding as without grad
+        else:
+            torch.mul(f, c, out=c_new)
+            c_new.addcmul_(i, g)
+        c = c_new
+        torch.tanh(c, out=tanh_c)
+        h = torch.mul(o, tanh_c, out=hs[t + 1])
+        if grad:
+            torch.addcmul(pm, pm, i_f, value=-1, out=q_if[t])  # g i (1 - i), c f (1 - f)
+            torch.addcmul(h, h, o, value=-1, out=q_o[t])  # tanh(c) o (1 - o)
+            torch.addcmul(i, p, g, value=-1, out=q_g[t])  # i (1 - g^2)
+            torch.addcmul(o, h, tanh_c, value=-1, out=dc_dh[t])  # o (1 - tanh(c)^2)
 
 
 class _LSTMLayer(torch.autograd.Function):
@@ -491,10 +498,7 @@ class _LSTMLayer(torch.autograd.Function):
         T, K, G, B = q.shape
         H, D = G // 4, w.shape[2]
         I = D - H - 1
-        f, dc_dh = f_all.unbind(0), dc_dh_all.unbind(0)
-        q_o, q_ifg = q[:, :, :H].unbind(0), q[:, :, H:].unflatten(2, (3, H)).unbind(0)
         d_acts = w.new_empty(2, K, G, B)  # steps t, t + 1: ping-pong
-        d_o, d_ifg = d_acts[:, :, :H], d_acts[:, :, H:].unflatten(2, (3, H))
         d_out = d_out.contiguous().unbind(0)
         z_t = z.transpose(2, 3).unbind(0)
         w_h_t = w[:, :, I : I + H].transpose(1, 2).contiguous()  # [K, H, 4H]
@@ -510,6 +514,10 @@ class _LSTMLayer(torch.autograd.Function):
             size, HB = w.element_size(), H * B
             f_p, dcdh_p, q_p = f_all.data_ptr(), dc_dh_all.data_ptr(), q.data_ptr()
             step, dc_p, acts_p = K * HB * size, dc.data_ptr(), (d_acts[0].data_ptr(), d_acts[1].data_ptr())
+        else:  # per-step views for the cell in torch ops
+            f, dc_dh = f_all.unbind(0), dc_dh_all.unbind(0)
+            q_o, q_ifg = q[:, :, :H].unbind(0), q[:, :, H:].unflatten(2, (3, H)).unbind(0)
+            d_o, d_ifg = d_acts[:, :, :H], d_acts[:, :, H:].unflatten(2, (3, H))
         for t in range(T - 1, -1, -1):
             j = t % 2
             if t == T - 1:
@@ -531,7 +539,7 @@ class _LSTMLayer(torch.autograd.Function):
         d_h0 = d_c0 = None
         if ctx.has_state:
             d_h0 = torch.bmm(w_h_t, d_acts[0])
-            d_c0 = dc * f[0]
+            d_c0 = dc * f_all[0]
         return d_seq if need_x else None, d_w, d_h0, d_c0
 
 

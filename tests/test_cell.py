@@ -107,3 +107,15 @@ def test_falls_back_to_torch_ops(tmp_path, monkeypatch, caplog, env):
         assert not (tmp_path / "kernels").exists() or not any((tmp_path / "kernels").iterdir())
     finally:
         cell.library.cache_clear()
+
+
+@requires_compiler
+def test_torch_ops_block_turns_the_kernel_off_and_back_on():
+    x = torch.zeros(1)
+    assert cell.kernels(x) is not None
+    with cell.torch_ops():
+        assert cell.kernels(x) is None
+        with cell.torch_ops():
+            assert cell.kernels(x) is None
+        assert cell.kernels(x) is None
+    assert cell.kernels(x) is not None

@@ -14,14 +14,16 @@ from rnnrep import cell, lstm
 from rnnrep.lstm import LSTMSpec
 
 @pytest.fixture(autouse=True, params=["c-kernel", "torch-ops"])
-def cell_path(request, monkeypatch):
+def cell_path(request):
     if request.param == "torch-ops":
-        monkeypatch.setattr(cell, "kernels", lambda t: None)
-    elif cell.library() is None:
+        with cell.torch_ops():
+            yield request.param
+        return
+    if cell.library() is None:
         if cell.find_compiler() is None:
             pytest.skip("no C compiler: the cell kernel cannot be built here")
         pytest.fail("a C compiler is here but the cell kernel did not build (see the logged warning)")
-    return request.param
+    yield request.param
 
 
 SPECS = [LSTMSpec(6, 6), LSTMSpec(16, 10), LSTMSpec(3, 2, hidden_size=5, num_layers=3)]
