@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from rnnrep import cell, lstm
 from rnnrep.lstm import LSTMSpec
 
+
 @pytest.fixture(autouse=True, params=["c-kernel", "torch-ops"])
 def cell_path(request):
     if request.param == "torch-ops":

@@ -3,8 +3,8 @@
 Training stream (`TrainStream`). Memory stays bounded in the zoo's size: the rows
 of a split are read row group by row group, and only a window of row groups (the
 shuffle buffer, about `buffer_rows` rows) is held at a time, each row with the one
-rollout it will be trained on (picked before densifying, so the other rollouts are
-never held). Per epoch the order of the row groups is shuffled, then the rows inside
+rollout it will be trained on. A split that fits one window is decoded once, all
+rollouts kept, and re-picked each epoch (decoding is most of the cost). Per epoch the order of the row groups is shuffled, then the rows inside
 each window; the epochs' row orders are concatenated into one endless row stream,
 and global step `s` is rows `[s * B, (s + 1) * B)` of it. Everything up to the data
 itself is index arithmetic on seeded generators, so:
@@ -17,11 +17,6 @@ itself is index arithmetic on seeded generators, so:
 Validation set (`fixed_batches`): the first `rows` rows of a split in file order,
 each with one rollout drawn from a fixed seed: the same members and rollouts at
 every evaluation, in every run.
-
-Ray Data path (`ray_batches`): the same row -> `EmulationBatch` conversion over a
-`ray.train.get_dataset_shard(...)` shard (streaming split by rank, local shuffle),
-for zoos that live where only Ray Data reads them. It is not seekable, so a resumed
-run sees other (equally distributed) batches than an unbroken one.
 """
 
 from __future__ import annotations
@@ -30,7 +25,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -66,10 +60,6 @@ def split_chunks(zoo: Zoo, split: str) -> list[Chunk]:
             if len(rows):
                 chunks.append(Chunk(fi, rg, rows))
     return chunks
-
-
-def split_rows(zoo: Zoo, split: str) -> int:
-    return sum(len(c.rows) for c in split_chunks(zoo, split))
 
 
 def require_split(zoo: Zoo, split: str) -> list[Chunk]:
@@ -235,16 +225,4 @@ def fixed_batches(
     ]
 
 
-def ray_batches(zoo: Zoo, shard, batch_size: int, seed: int = 0, buffer_rows: int = 1024) -> Iterator[EmulationBatch]:
-    """Endless batches from a Ray Data shard (`ray.train.get_dataset_shard`), one random rollout per row."""
-    rng = np.random.default_rng(seed)
-    while True:
-        for table in shard.iter_batches(
-            batch_size=batch_size, batch_format="pyarrow", drop_last=True,
-            local_shuffle_buffer_size=buffer_rows, local_shuffle_seed=int(rng.integers(2**31)),
-        ):
-            arrays = zoo.arrays(table.select(BATCH_COLUMNS[zoo.kind]))
-            yield batch_from_arrays(zoo.kind, arrays, rng)
-
-
-__all__ = ["Chunk", "TrainStream", "fixed_arrays", "fixed_batches", "ray_batches", "require_split", "split_chunks"]
+__all__ = ["Chunk", "TrainStream", "fixed_arrays", "fixed_batches", "require_split", "split_chunks"]
