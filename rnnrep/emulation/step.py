@@ -181,8 +181,11 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches, loss_name: str = "total_variation", device: str | torch.device = "cpu") -> float:
-    """Mean loss over members of `batches` (each member weighs the same), eval mode, no grad."""
+def evaluate_sums(model: nn.Module, batches, loss_name: str = "total_variation", device: str | torch.device = "cpu") -> tuple[float, int]:
+    """Summed per-member loss and member count over `batches` (eval mode, no grad).
+
+    Sums, not a mean, so data-parallel workers can add theirs before dividing.
+    """
     m = unwrap(model)
     was_training = m.training
     m.eval()
@@ -195,7 +198,7 @@ def evaluate(model: nn.Module, batches, loss_name: str = "total_variation", devi
             count += len(batch)
     finally:
         m.train(was_training)
-    return total / max(count, 1)
+    return total, count
 
 
 __all__ = [
@@ -207,7 +210,7 @@ __all__ = [
     "batch_from_arrays",
     "batch_loss",
     "build_model",
-    "evaluate",
+    "evaluate_sums",
     "make_optimizers",
     "pick_rollouts",
     "train_step",

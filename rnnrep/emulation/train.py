@@ -247,22 +247,6 @@ def _resume_state(run: Path) -> dict[str, Any] | None:
     return load_checkpoint(last) if last.is_file() else None
 
 
-def _evaluate_sums(model, batches, loss_name: str, device) -> tuple[float, int]:
-    from rnnrep.emulation.losses import emulation_loss
-    from rnnrep.emulation.step import unwrap
-
-    m = unwrap(model)
-    m.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for b in batches:
-            b = b.to(device)
-            total += float(emulation_loss(loss_name, m(b.params, b.inputs), b.targets)) * len(b)
-            count += len(b)
-    m.train()
-    return total, count
-
-
 def _all_sum(values: list[float], world: int, device) -> list[float]:
     if world == 1:
         return values
@@ -279,7 +263,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from rnnrep.emulation.data import TrainStream, fixed_batches
-    from rnnrep.emulation.step import build_model, make_optimizers, train_step, unwrap
+    from rnnrep.emulation.step import (
+        build_model,
+        evaluate_sums,
+        make_optimizers,
+        train_step,
+        unwrap,
+    )
     from rnnrep.malloc import keep_freed_memory
     from rnnrep.zoo.store import open_zoo
 
@@ -329,7 +319,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             sums = [train_sum, float(train_n)]
             for s in SPLITS_EVAL:
-                sums += list(_evaluate_sums(net, val_sets[s], cfg.loss, device))
+                sums += list(evaluate_sums(net, val_sets[s], cfg.loss, device))
             sums = _all_sum(sums, world, device)
             seconds = time.perf_counter() - t0
             metrics: dict[str, Any] = {
