@@ -290,6 +290,8 @@ def bench_lstm(task: str, members: int, threads: int, min_steps: int, compile_: 
 
     if members < 1 or threads < 1 or min_steps < 1:
         raise ConfigError("--members, --threads and --min-steps must be at least 1")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown --device {device!r}: choose cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device here; use --device cpu")
     torch.set_num_threads(threads)

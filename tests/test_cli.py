@@ -60,3 +60,8 @@ def test_bench_lstm_refuses_a_missing_gpu():
 def test_bench_train_memory_refuses_bad_sizes():
     r = runner.invoke(app, ["bench", "train-memory", "--factor", "1"])
     assert r.exit_code != 0 and "--factor at least 2" in r.output
+
+
+def test_bench_lstm_refuses_an_unknown_device():
+    r = runner.invoke(app, ["bench", "lstm", "--device", "tpu"])
+    assert r.exit_code == 2 and "unknown --device 'tpu'" in r.output
