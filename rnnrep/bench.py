@@ -26,15 +26,19 @@ from rnnrep.tasks import formal_languages as fl
 from rnnrep.zoo.members import lr_at, plan_member
 
 
-def matmul_peak_gflops(seconds: float = 1.0) -> float:
-    """This machine's float32 matmul rate with all threads torch uses (1024^3 products)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+def matmul_peak_gflops(device: str = "cpu", seconds: float = 1.0) -> float:
+    """This device's float32 matmul rate (CPU: all threads torch uses), from 1024^3 or 8192^3 products."""
+    n = 1024 if device == "cpu" else 8192
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     a @ b
-    n, t0 = 0, time.perf_counter()
+    sync()
+    k, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         a @ b
-        n += 1
-    return n * 2 * 1024**3 / (time.perf_counter() - t0) / 1e9
+        sync()
+        k += 1
+    return k * 2 * n**3 / (time.perf_counter() - t0) / 1e9
 
 
 def member_step_gflop(task: str) -> float:
@@ -50,8 +54,12 @@ def member_step_gflop(task: str) -> float:
     return 3 * fwd * T / 1e9
 
 
-def baseline_fl(members: int, steps: int) -> float:
-    """The reference loop for formal-language members; returns member-steps per second."""
+def baseline_fl(members: int, steps: int, device: str = "cpu") -> float:
+    """The reference loop for formal-language members; returns member-steps per second.
+
+    On a GPU the strings are sampled on the CPU and copied over, and acceptance is
+    checked on the CPU, as the reference does.
+    """
     cfg = zoo_config("formal-languages", "small", members=members, steps=steps)
     snapshots = set(cfg.snapshot_steps)
     t0 = time.perf_counter()
@@ -59,13 +67,13 @@ def baseline_fl(members: int, steps: int) -> float:
         plan = plan_member(cfg, member_id)
         torch.manual_seed(plan.seed)
         offsets = torch.tensor(plan.task, dtype=torch.long)
-        lstm = torch.nn.LSTM(6, 32, 2, batch_first=True)
-        linear = torch.nn.Linear(32, 6)
+        lstm = torch.nn.LSTM(6, 32, 2, batch_first=True).to(device)
+        linear = torch.nn.Linear(32, 6).to(device)
         params = [*lstm.parameters(), *linear.parameters()]
         opt = torch.optim.AdamW(params, lr=0.01, weight_decay=1e-4)
         lo = int(fl.min_n(offsets))
         for step in range(steps + 1):
-            seq = fl.strings_from_n(torch.randint(lo, fl.MAX_N, (32,)), offsets)
+            seq = fl.strings_from_n(torch.randint(lo, fl.MAX_N, (32,)), offsets).to(device)
             out, _ = lstm(F.one_hot(seq[:, :-1], 6).float())
             loss = F.cross_entropy(linear(out).reshape(-1, 6), seq[:, 1:].reshape(-1))
             opt.zero_grad()
@@ -76,19 +84,29 @@ def baseline_fl(members: int, steps: int) -> float:
             if step in snapshots:
                 for n in (1000, 100):  # accuracy samples, then stored rollouts
                     _sample(lstm, linear, offsets, n)
+    if device == "cuda":
+        torch.cuda.synchronize()
     return members * (steps + 1) / (time.perf_counter() - t0)
 
 
 @torch.no_grad()
 def _sample(lstm, linear, offsets, n: int) -> float:
-    tokens = [torch.full((n, 1), fl.BOS)]
+    device = linear.weight.device
+    tokens = [torch.full((n, 1), fl.BOS, device=device)]
     state = None
     for _ in range(fl.SEQ_LEN - 1):
         out, state = lstm(F.one_hot(tokens[-1], 6).float(), state)
         probs = torch.softmax(linear(out[:, -1]), -1)
         tokens.append(torch.multinomial(probs, 1))
-    correct, _, _ = fl.accept(torch.cat(tokens, 1), offsets)
+    correct, _, _ = fl.accept(torch.cat(tokens, 1).cpu(), offsets)
     return float(correct.float().mean())
+
+
+def _check_device(device: str) -> None:
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown --device {device!r}: choose cpu or cuda")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device here; use --device cpu")
 
 
 def _rss_mb() -> float:
@@ -97,17 +115,38 @@ def _rss_mb() -> float:
 
 
 def bench_zoo(
-    task: str, members: int, steps: int, baseline_members: int, members_per_batch: int, out: Path | None
+    task: str,
+    members: int,
+    steps: int,
+    baseline_members: int,
+    members_per_batch: int | None,
+    out: Path | None,
+    device: str = "cpu",
+    gpus_per_actor: float = 0.25,
 ) -> str:
+    """Whole-build member-steps/s vs the one-member loop, both on `device`.
+
+    On cuda the build's actors each hold `gpus_per_actor` of the GPU, so several train
+    their batches of members at once, and the baseline runs nn.LSTM on the same GPU.
+    """
     if task != "formal-languages":
         raise ConfigError("bench zoo measures the formal-language build (the reference's baseline loop)")
     if members < 1 or steps < 1 or baseline_members < 1:
         raise ConfigError("--members, --steps and --baseline-members must be at least 1")
+    _check_device(device)
+    if device == "cuda" and not 0 < gpus_per_actor <= 1:
+        raise ConfigError(f"--gpus-per-actor must be in (0, 1], got {gpus_per_actor}")
     from rnnrep.zoo.build import build
 
     keep_freed_memory()  # as the build's actors do: the baseline gets the same allocator
-    peak = matmul_peak_gflops()
-    base = baseline_fl(baseline_members, steps)
+    peak = matmul_peak_gflops(device)
+    base = baseline_fl(baseline_members, steps, device)
+    opts = BuildOptions(
+        members_per_actor_batch=members_per_batch,
+        progress=False,
+        device=device,
+        gpus_per_actor=gpus_per_actor if device == "cuda" else 0.0,
+    )
     cfg = zoo_config(task, "small", members=members, steps=steps)
     rss = {"before": _rss_mb(), "peak": _rss_mb()}
     watching = threading.Event()
@@ -120,7 +159,7 @@ def bench_zoo(
     watcher.start()
     with tempfile.TemporaryDirectory(prefix="rnnrep-bench-") as tmp:
         t0 = time.perf_counter()
-        result = build(cfg, Path(tmp) / "zoo", BuildOptions(members_per_actor_batch=members_per_batch, progress=False))
+        result = build(cfg, Path(tmp) / "zoo", opts)
         wall = time.perf_counter() - t0
     watching.set()
     watcher.join()
@@ -131,6 +170,7 @@ def bench_zoo(
         "members": members,
         "steps": steps,
         "cpus": os.cpu_count(),
+        "device": result.device,
         "baseline_member_steps_per_s": round(base, 1),
         "build_member_steps_per_s_wall": round(whole, 1),
         "build_member_steps_per_s_training": round(result.member_steps_per_s, 1),
@@ -140,7 +180,6 @@ def bench_zoo(
         "share_of_peak": round(achieved / peak, 4),
         "driver_rss_mb_before": round(rss["before"]),
         "driver_rss_mb_peak": round(rss["peak"]),
-        "device": result.device,
     }
     if out is not None:
         out.write_text(json.dumps(res, indent=1) + "\n")
@@ -174,8 +213,10 @@ def _time_steps(*fns, min_steps: int, min_seconds: float) -> list[float]:
     return [statistics.median(ts) for ts in times]
 
 
-def bench_train(task: str, encoders: list[str], batch: int, min_steps: int, out: Path | None) -> str:
-    """Seconds per training step per encoder and of the emulator alone, same process."""
+def bench_train(
+    task: str, encoders: list[str], batch: int, min_steps: int, out: Path | None, device: str = "cpu"
+) -> str:
+    """Seconds per training step per encoder and of the emulator alone, same process and device."""
     from rnnrep.config import member_spec
     from rnnrep.emulation.emulator import Emulator, EmulatorConfig
     from rnnrep.emulation.losses import emulation_loss
@@ -193,6 +234,7 @@ def bench_train(task: str, encoders: list[str], batch: int, min_steps: int, out:
         raise ConfigError(f"unknown encoder(s) {unknown}: choose from {', '.join(ENCODERS)}")
     if batch < 1 or min_steps < 1:
         raise ConfigError("--batch and --min-steps must be at least 1")
+    _check_device(device)
     keep_freed_memory()  # as training workers do
     spec = member_spec(task)
     T = 41 if task == "formal-languages" else 50
@@ -201,21 +243,23 @@ def bench_train(task: str, encoders: list[str], batch: int, min_steps: int, out:
         params=torch.randn(batch, spec.num_params, generator=g) * 0.2,
         inputs=torch.randn(batch, T, spec.input_size, generator=g),
         targets=torch.randn(batch, T, spec.output_size, generator=g),
-    )
+    ).to(device)
     # the emulator alone: the floor under every encoder's step
-    emulator = Emulator(spec.input_size, spec.output_size, EmulatorConfig())
+    emulator = Emulator(spec.input_size, spec.output_size, EmulatorConfig()).to(device)
     opt = adamw(emulator)  # as make_optimizers builds it
-    z = torch.nn.functional.normalize(torch.randn(batch, 16, generator=g), dim=-1)
+    z = torch.nn.functional.normalize(torch.randn(batch, 16, generator=g), dim=-1).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def emulator_step() -> None:
         opt.zero_grad(set_to_none=True)
         emulation_loss("total_variation", emulator(z, data.inputs), data.targets).backward()
         torch.nn.utils.clip_grad_norm_(emulator.parameters(), 0.1)
         opt.step()
+        sync()
 
     rows, emu_times = [], []
     for name in encoders:
-        model = build_model(name, spec, task)
+        model = build_model(name, spec, task).to(device)
         opts = make_optimizers(model)
         emu_s, s = _time_steps(emulator_step, lambda: train_step(model, opts, data), min_steps=min_steps, min_seconds=2.0)
         emu_times.append(emu_s)
@@ -231,10 +275,12 @@ def bench_train(task: str, encoders: list[str], batch: int, min_steps: int, out:
             }
         )
     emu_s = statistics.median(emu_times)
-    res = {"task": task, "batch": batch, "threads": torch.get_num_threads(), "emulator_only_step_s": round(emu_s, 4), "encoders": rows}
+    res = {"task": task, "batch": batch, "device": device, "threads": torch.get_num_threads(),
+           "emulator_only_step_s": round(emu_s, 4), "encoders": rows}
     if out is not None:
         out.write_text(json.dumps(res, indent=1) + "\n")
-    lines = [f"{task}, batch {batch}, {res['threads']} threads; emulator-only step {emu_s:.3f} s "
+    where = f"{res['threads']} threads" if device == "cpu" else device
+    lines = [f"{task}, batch {batch}, {where}; emulator-only step {emu_s:.3f} s "
              "(timed in turn with each encoder; /emulator is against that encoder's turns)",
              f"{'encoder':16s}{'step s':>9s}{'steps/s':>9s}{'/emulator':>10s}{'ref s':>8s}{'speed-up':>9s}"]
     for r in rows:
@@ -290,10 +336,7 @@ def bench_lstm(task: str, members: int, threads: int, min_steps: int, compile_: 
 
     if members < 1 or threads < 1 or min_steps < 1:
         raise ConfigError("--members, --threads and --min-steps must be at least 1")
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown --device {device!r}: choose cpu or cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device here; use --device cpu")
+    _check_device(device)
     torch.set_num_threads(threads)
     keep_freed_memory()  # as the build's actors do
     cfg = zoo_config(task, "tiny")

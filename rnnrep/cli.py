@@ -129,13 +129,17 @@ def bench_zoo(
     members: Annotated[int, typer.Option(help="Members in the timed build (default: the small preset's).")] = 64,
     steps: Annotated[int, typer.Option(help="Training steps per member (default: the small preset's).")] = 2000,
     baseline_members: Annotated[int, typer.Option(help="Members the one-at-a-time baseline trains.")] = 2,
-    members_per_batch: Annotated[int, typer.Option(help="Members an actor trains together.")] = 16,
+    members_per_batch: Annotated[
+        Optional[int], typer.Option(help="Members an actor trains together (default: the build's, 16 on CPU, 256 on a GPU).")
+    ] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda: where both the build and the baseline train.")] = "cpu",
+    gpus_per_actor: Annotated[float, typer.Option(help="With --device cuda: the GPU share of each build actor.")] = 0.25,
 ) -> None:
-    """Member-steps/s of a whole zoo build vs the reference's one-member nn.LSTM loop, same machine."""
+    """Member-steps/s of a whole zoo build vs the reference's one-member nn.LSTM loop, same device."""
     from rnnrep.bench import bench_zoo as run
 
-    _report(run, task, members, steps, baseline_members, members_per_batch, out)
+    _report(run, task, members, steps, baseline_members, members_per_batch, out, device, gpus_per_actor)
 
 
 @bench_app.command("zoo-memory")
@@ -159,12 +163,13 @@ def bench_train(
     batch: Annotated[int, typer.Option(help="Members per step (the paper: 64).")] = 64,
     min_steps: Annotated[int, typer.Option(help="Timed steps per encoder (at least 2 s each).")] = 3,
     out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
 ) -> None:
     """Seconds per emulation training step per encoder (paper architecture), beside the emulator alone."""
     from rnnrep.bench import bench_train as run
     from rnnrep.encoders import ENCODERS
 
-    _report(run, task, list(encoder or ENCODERS), batch, min_steps, out)
+    _report(run, task, list(encoder or ENCODERS), batch, min_steps, out, device)
 
 
 @bench_app.command("train-memory")

@@ -44,3 +44,31 @@ def fl_zoo(ray_local, tmp_path_factory):
 @pytest.fixture(scope="session")
 def mnist_zoo(ray_local, tmp_path_factory):
     return _tiny_zoo(tmp_path_factory, "sequential-mnist", 4)
+
+
+def rewrite_splits(src, dst, split_of):
+    """A copy of zoo `src` whose rows get split `split_of(member_id)` (manifest and checksums updated)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from rnnrep.zoo.store import open_zoo, write_manifest, write_part
+
+    dst.mkdir()
+    zoo = open_zoo(src)
+    meta = dict(zoo.meta, files={})
+    for f in zoo.files:
+        table = pq.read_table(f)
+        splits = [split_of(m) for m in table.column("member_id").to_pylist()]
+        table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(splits, pa.string()))
+        table = table.filter(pc.not_equal(table.column("split"), ""))
+        meta["files"][f.name] = write_part(dst, f.name, table)
+    meta["rows"] = sum(e["rows"] for e in meta["files"].values())
+    write_manifest(dst, meta)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def zoo3(fl_zoo, tmp_path_factory):
+    """The session's tiny FL zoo with every split present (its 6 members' tasks need not cover val)."""
+    return rewrite_splits(fl_zoo[0], tmp_path_factory.mktemp("zoo3") / "zoo", lambda m: ("train", "train", "val", "ood")[m % 4])

@@ -7,11 +7,9 @@ import shutil
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import rewrite_splits
 from typer.testing import CliRunner
 
 from rnnrep.cli import app
@@ -24,7 +22,7 @@ from rnnrep.emulation.step import (
     make_optimizers,
     train_step,
 )
-from rnnrep.zoo.store import open_zoo, write_manifest, write_part
+from rnnrep.zoo.store import open_zoo
 
 SMALL_ENCODER = ["--encoder", "flat", "--encoder-opt", "hidden=[16]", "--emulator-opt", "hidden_size=16"]
 
@@ -32,28 +30,6 @@ SMALL_ENCODER = ["--encoder", "flat", "--encoder-opt", "hidden=[16]", "--emulato
 def _train_args(zoo, out, steps, *extra):
     return ["train", "--zoo", str(zoo), "--out", str(out), "--preset", "tiny", "--steps", str(steps),
             "--val-every", "3", *SMALL_ENCODER, *extra]
-
-
-def _rewrite_splits(src, dst, split_of):
-    """A copy of zoo `src` whose rows get split `split_of(member_id)` (manifest and checksums updated)."""
-    dst.mkdir()
-    zoo = open_zoo(src)
-    meta = dict(zoo.meta, files={})
-    for f in zoo.files:
-        table = pq.read_table(f)
-        splits = [split_of(m) for m in table.column("member_id").to_pylist()]
-        table = table.set_column(table.schema.get_field_index("split"), "split", pa.array(splits, pa.string()))
-        table = table.filter(pc.not_equal(table.column("split"), ""))
-        meta["files"][f.name] = write_part(dst, f.name, table)
-    meta["rows"] = sum(e["rows"] for e in meta["files"].values())
-    write_manifest(dst, meta)
-    return dst
-
-
-@pytest.fixture(scope="module")
-def zoo3(fl_zoo, tmp_path_factory):
-    """The session's tiny FL zoo with every split present (its 6 members' tasks need not cover val)."""
-    return _rewrite_splits(fl_zoo[0], tmp_path_factory.mktemp("zoo3") / "zoo", lambda m: ("train", "train", "val", "ood")[m % 4])
 
 
 def _rows(out):
@@ -200,7 +176,7 @@ def test_train_resume_embed_and_errors(zoo3, tmp_path):
     assert len(pl.read_parquet(out)) == len(meta)  # the earlier output is untouched
 
     # a zoo without a val split
-    no_val = _rewrite_splits(zoo_path, tmp_path / "zoo-no-val", lambda m: ("train", "ood")[m % 2])
+    no_val = rewrite_splits(zoo_path, tmp_path / "zoo-no-val", lambda m: ("train", "ood")[m % 2])
     fails(_train_args(no_val, tmp_path / "y", 3), "no rows in split 'val'")
     assert not (tmp_path / "y").exists()
 

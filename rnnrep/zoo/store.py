@@ -15,10 +15,9 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -33,6 +32,9 @@ from rnnrep.zoo.schema import (
     check_table_schema,
     dense,
 )
+
+if TYPE_CHECKING:
+    import polars as pl
 
 MANIFEST = "zoo.json"
 META_COLUMNS = ("member_id", "snapshot", "step", "task", "split")
@@ -131,6 +133,8 @@ class Zoo:
 
     def metadata(self) -> pl.DataFrame:
         """One row per snapshot: ids, step, task, split and metrics; no weights or rollouts."""
+        import polars as pl  # here, not at the top: building and training a zoo never need it
+
         cols = list(META_COLUMNS) + list(self.metric_names)
         frames = [pl.read_parquet(f, columns=cols) for f in self.files]
         return pl.concat(frames).sort(["member_id", "snapshot"])
