@@ -41,7 +41,7 @@ def test_member_lstm_forward_and_gradient_match_cpu(impl):
     r = torch.randn(3, 5, 7, spec.output_size, generator=g, dtype=torch.float64)
     results = []
     for device in ("cpu", "cuda"):
-        w = flat.to(device).requires_grad_()
+        w = flat.to(device, copy=True).requires_grad_()
         logits, (h, c) = lstm.forward(spec, w, x.to(device), impl=impl)
         (logits * r.to(device)).sum().backward()
         results.append([t.detach().cpu() for t in (logits, h, c, w.grad)])

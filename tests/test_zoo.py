@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from rnnrep import lstm
 from rnnrep.cli import app
+from rnnrep.zoo.build import WholeMembers
 from rnnrep.zoo.schema import ZooFormatError
 from rnnrep.zoo.store import open_zoo
 
@@ -99,6 +100,32 @@ def test_resume_after_lost_file_and_partial_write(ray_local, tmp_path):
     assert sorted(df["member_id"].unique().to_list()) == [0, 1, 2, 3]
     assert df.group_by("member_id").len()["len"].unique().to_list() == [7]
     assert not list(out.glob("*.tmp"))
+
+
+def test_members_split_across_ray_blocks_are_written_whole(ray_local, tmp_path):
+    """Ray Data cuts big actor outputs into blocks, even inside a member's rows (a GPU
+    batch of 256 members did); the build must still write every member whole, once."""
+    ctx = ray_local.data.DataContext.get_current()
+    old = ctx.target_max_block_size
+    ctx.target_max_block_size = 200_000  # bytes: about 3 snapshot rows of a tiny member
+    try:
+        out = tmp_path / "zoo"
+        r = build_cli(out, "--members", "4", "--members-per-batch", "4")
+    finally:
+        ctx.target_max_block_size = old
+    assert r.exit_code == 0, r.output
+    assert len(list(out.glob("part-*.parquet"))) > 1  # the blocks did split the batch
+    df = open_zoo(out).metadata()
+    assert sorted(df["member_id"].to_list()) == sorted(list(range(4)) * 7)
+
+
+def test_whole_members_holds_rows_until_a_member_is_complete():
+    members = WholeMembers(snapshots=3)
+    table = pa.table({"member_id": [0, 0, 0, 1, 1, 1, 2], "snapshot": [0, 1, 2, 0, 1, 2, 0]})
+    assert members.add(table.slice(0, 2)) is None
+    assert members.add(table.slice(2, 3))["member_id"].to_pylist() == [0, 0, 0]
+    assert members.add(table.slice(5, 2))["member_id"].to_pylist() == [1, 1, 1]
+    assert members.held["member_id"].to_pylist() == [2]
 
 
 def test_killed_build_resumes_to_every_member_once(tmp_path):

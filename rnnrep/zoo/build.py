@@ -2,7 +2,7 @@
 
 Ray Data streams member batches through a pool of `MemberTrainer` actors (each
 trains its batch together, vectorised over members). The driver consumes the
-results and writes each batch as one Parquet file, atomically, then records it in
+results and writes whole members as Parquet files, atomically, then records each in
 `zoo.json`. Writing on the driver, not in Ray Data write tasks, is deliberate: a
 write task needs a CPU that busy actors hold (a hang on small machines), and
 `write_parquet` writes straight to the final name, so a killed build could leave a
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rnnrep.config import BuildOptions, ConfigError, ZooConfig
@@ -145,6 +146,30 @@ class MemberTrainer:
         return snapshot_table(self.cfg, plans, snaps, self.splits)
 
 
+class WholeMembers:
+    """Re-joins members whose snapshot rows arrive split across Ray Data blocks.
+
+    Ray Data cuts an actor's output into blocks of at most `target_max_block_size`
+    (128 MiB by default), and a cut can fall inside one member's rows. Written as they came, such halves made part files that
+    `reconcile` rightly deleted, and a GPU build of 256 members per actor never
+    finished. So rows are held until all of a member's snapshots are in.
+    """
+
+    def __init__(self, snapshots: int) -> None:
+        self.snapshots = snapshots
+        self.held: pa.Table | None = None
+
+    def add(self, table: pa.Table) -> pa.Table | None:
+        """The rows of every member now whole (None if none is); the rest wait."""
+        if self.held is not None:
+            table = pa.concat_tables([self.held, table])
+        ids = table.column("member_id").to_numpy()
+        members, counts = np.unique(ids, return_counts=True)
+        whole = np.isin(ids, members[counts == self.snapshots])
+        self.held = None if whole.all() else table.filter(pa.array(~whole))
+        return table.filter(pa.array(whole)) if whole.any() else None
+
+
 class _Counter:
     def __init__(self) -> None:
         self.n = 0
@@ -207,10 +232,14 @@ def build(cfg: ZooConfig, out: str | Path, opts: BuildOptions) -> BuildResult:
 
     total_steps = len(pending) * (cfg.steps + 1)
     state = {"done": 0, "error": None}
+    members = WholeMembers(len(cfg.snapshot_steps))
 
     def consume() -> None:
         try:
-            for table in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+            for block in ds.iter_batches(batch_format="pyarrow", batch_size=None, prefetch_batches=0):
+                table = members.add(block)
+                if table is None:
+                    continue
                 ids = table.column("member_id").to_numpy()
                 name = f"part-{int(ids.min()):06d}-{int(ids.max()):06d}.parquet"
                 meta["files"][name] = write_part(out, name, table)
