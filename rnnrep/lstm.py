@@ -582,6 +582,15 @@ def permute_hidden(spec: LSTMSpec, flat: Tensor, perms: list[Tensor]) -> Tensor:
     return result if flat.dim() == 2 else result.squeeze(0)
 
 
+def permutation_index(spec: LSTMSpec, perms: list[Tensor]) -> Tensor:
+    """`[P]` source positions: `flat[..., index]` is `permute_hidden(spec, flat, perms)`.
+
+    For one permutation per layer (`[H]` each) shared by every member: permuting the
+    positions `0..P-1` themselves gives the gather that permutes any flat vector alike.
+    """
+    return permute_hidden(spec, torch.arange(spec.num_params, device=perms[0].device), perms)
+
+
 def random_permutations(spec: LSTMSpec, k: int, generator: torch.Generator | None = None) -> list[Tensor]:
     """One random hidden-neuron permutation per layer and member: `[K, H]` each."""
     return [

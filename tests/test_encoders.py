@@ -146,31 +146,43 @@ AUGMENTED = {
 
 
 @pytest.mark.parametrize("name", list(AUGMENTED))
-def test_training_forward_permutes_each_member(name: str) -> None:
+@pytest.mark.parametrize("per", ["batch", "member"])
+def test_training_forward_permutes_members(name: str, per: str) -> None:
     torch.manual_seed(0)
-    encoder = AUGMENTED[name](SMALL, True)
+    encoder = AUGMENTED[name](SMALL, per)
     x = members(SMALL, 4)
     torch.manual_seed(7)
     z_train = encoder.train()(x)
     torch.manual_seed(7)
-    x_perm = permute_hidden(SMALL, x, random_permutations(SMALL, 4))
+    if per == "batch":  # one permutation per layer, the same for every member
+        perms = [p[0] for p in random_permutations(SMALL, 1)]
+    else:
+        perms = random_permutations(SMALL, 4)
     encoder.eval()
-    torch.testing.assert_close(z_train, encoder(x_perm))
+    torch.testing.assert_close(z_train, encoder(permute_hidden(SMALL, x, perms)))
     assert not torch.allclose(z_train, encoder(x), atol=1e-4)  # a different sample of the same members
 
 
 @pytest.mark.parametrize("name", list(AUGMENTED))
 def test_no_augmentation_in_eval_mode_or_when_off(name: str) -> None:
     torch.manual_seed(0)
-    encoder = AUGMENTED[name](SMALL, True).eval()
+    encoder = AUGMENTED[name](SMALL, "batch").eval()
     x = members(SMALL, 4)
     torch.manual_seed(1)
     z = encoder(x)
     torch.manual_seed(2)
     torch.testing.assert_close(encoder(x), z)
-    plain = AUGMENTED[name](SMALL, False)
+    plain = AUGMENTED[name](SMALL, "none")
     plain.load_state_dict(encoder.state_dict())
     torch.testing.assert_close(plain.train()(x), z)
+
+
+def test_augment_setting_is_checked_and_reads_old_run_folders() -> None:
+    assert FlatConfig().augment == "batch"  # the reference's augmentation
+    assert FlatConfig(augment=True).augment == "member"  # what True meant before the choice
+    assert TransformerConfig(augment=False).augment == "none"
+    with pytest.raises(ValueError, match="augment must be one of batch, member, none"):
+        FlatConfig(augment="layer")
 
 
 def test_block_is_a_post_norm_transformer_layer() -> None:

@@ -145,6 +145,17 @@ def test_hidden_permutation_keeps_the_function(spec, layer, dtype, tol):
     torch.testing.assert_close(lstm.forward(spec, permuted, x)[0], lstm.forward(spec, flat, x)[0], atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("spec", SPECS)
+def test_permutation_index_is_the_shared_permutation(spec):
+    """One gather by `permutation_index` permutes every member as `permute_hidden` does."""
+    g = torch.Generator().manual_seed(5)
+    flat = _params(spec, 3)
+    perms = [p[0] for p in lstm.random_permutations(spec, 1, g)]
+    index = lstm.permutation_index(spec, perms)
+    assert sorted(index.tolist()) == list(range(spec.num_params))
+    assert torch.equal(flat[:, index], lstm.permute_hidden(spec, flat, perms))
+
+
 @pytest.mark.parametrize("spec", SPECS[:2])
 @pytest.mark.parametrize("impl", lstm.IMPLS)
 def test_members_are_independent_bitwise(spec, impl):

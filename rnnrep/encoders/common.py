@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from rnnrep.lstm import LSTMSpec, permute_hidden, random_permutations
+from rnnrep.lstm import LSTMSpec, permutation_index, permute_hidden, random_permutations
 
 
 def mlp(sizes: Sequence[int]) -> nn.Sequential:
@@ -34,16 +34,34 @@ def unit_norm(z: Tensor) -> Tensor:
     return nn.functional.normalize(z, dim=-1)
 
 
-def permute_randomly(spec: LSTMSpec, params: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Each member of `params[B, P]` with its own random hidden-neuron permutation.
+AUGMENT = ("batch", "member", "none")
+
+
+def check_augment(owner: str, value: str | bool) -> str:
+    """A valid `augment` setting; a bool is how run folders from before it was a choice hold it."""
+    if isinstance(value, bool):  # True then meant one permutation per member
+        return "member" if value else "none"
+    if value not in AUGMENT:
+        raise ValueError(f"{owner}.augment must be one of {', '.join(AUGMENT)}; got {value!r}")
+    return value
+
+
+def permute_randomly(
+    spec: LSTMSpec, params: Tensor, per: str = "batch", generator: torch.Generator | None = None
+) -> Tensor:
+    """`params[B, P]` with random hidden-neuron permutations: one per layer for the batch, or per member.
 
     The permuted member computes the same function, so it is another sample of the
     same data point: encoders that are not permutation invariant by construction
-    (flat MLP, parameter transformer) learn the symmetry from it. One permutation per
-    member (the reference draws one per batch) gives more distinct samples per step.
+    (flat MLP, parameter transformer) learn the symmetry from it. `per="batch"` is
+    the reference's augmentation and costs one gather; `per="member"` gives more
+    distinct samples per step at a gather per tensor.
     """
-    perms = random_permutations(spec, params.shape[0], generator=generator)
-    return permute_hidden(spec, params, [p.to(params.device) for p in perms])
+    if per == "member":
+        perms = random_permutations(spec, params.shape[0], generator=generator)
+        return permute_hidden(spec, params, [p.to(params.device) for p in perms])
+    perms = [p[0] for p in random_permutations(spec, 1, generator=generator)]
+    return params.index_select(-1, permutation_index(spec, perms).to(params.device))
 
 
 def weight_bias_pairs(spec: LSTMSpec) -> list[tuple[str, str]]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from rnnrep.encoders.common import mlp, permute_randomly, unit_norm
+from rnnrep.encoders.common import check_augment, mlp, permute_randomly, unit_norm
 from rnnrep.lstm import LSTMSpec
 
 
@@ -21,7 +21,12 @@ class FlatConfig:
 
     hidden: tuple[int, ...] = (128, 128, 128)
     embedding_size: int = 16
-    augment: bool = True  # random hidden-neuron permutations, in training mode only
+    # random hidden-neuron permutations in training mode: "batch" (one per layer for the
+    # whole batch, the reference's), "member" (one per member) or "none"
+    augment: str = "batch"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "augment", check_augment("FlatConfig", self.augment))
 
 
 class FlatEncoder(nn.Module):
@@ -33,6 +38,6 @@ class FlatEncoder(nn.Module):
         self.head = mlp((spec.num_params, *cfg.hidden, cfg.embedding_size))
 
     def forward(self, params: Tensor) -> Tensor:
-        if self.training and self.cfg.augment:
-            params = permute_randomly(self.spec, params)
+        if self.training and self.cfg.augment != "none":
+            params = permute_randomly(self.spec, params, self.cfg.augment)
         return unit_norm(self.head(params))

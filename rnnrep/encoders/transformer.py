@@ -20,7 +20,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rnnrep.encoders.common import permute_randomly, unit_norm, weight_bias_pairs
+from rnnrep.encoders.common import (
+    check_augment,
+    permute_randomly,
+    unit_norm,
+    weight_bias_pairs,
+)
 from rnnrep.lstm import LSTMSpec, unflatten
 
 
@@ -38,7 +43,12 @@ class TransformerConfig:
     dropout: float = 0.1
     attention_dropout: float = 0.0
     embedding_size: int = 16
-    augment: bool = True  # random hidden-neuron permutations, in training mode only
+    # random hidden-neuron permutations in training mode: "batch" (one per layer for the
+    # whole batch, the reference's), "member" (one per member) or "none"
+    augment: str = "batch"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "augment", check_augment("TransformerConfig", self.augment))
 
 
 class Block(nn.Module):
@@ -93,8 +103,8 @@ class TransformerEncoder(nn.Module):
         return torch.cat(rows, dim=1) + self.positions
 
     def forward(self, params: Tensor) -> Tensor:
-        if self.training and self.cfg.augment:
-            params = permute_randomly(self.spec, params)
+        if self.training and self.cfg.augment != "none":
+            params = permute_randomly(self.spec, params, self.cfg.augment)
         x = self.tokens(params)
         for i, block in enumerate(self.blocks):
             x = block(x, last_only=i == len(self.blocks) - 1)
