@@ -14,3 +14,10 @@ quickstart: setup
 
 bench: setup
     .venv/bin/rnnrep bench zoo
+
+# on a CUDA machine whose environment already has torch and rnnrep (no `setup`: that installs the CPU torch)
+bench-gpu:
+    rnnrep bench lstm --device cuda --members 1024
+    rnnrep bench zoo --device cuda
+    rnnrep bench train --device cuda
+    python -m pytest tests/test_cuda.py

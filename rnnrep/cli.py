@@ -126,7 +126,9 @@ def _report(run: Callable[..., str], *args: Any) -> None:
 @bench_app.command("zoo")
 def bench_zoo(
     task: TaskOpt = "formal-languages",
-    members: Annotated[int, typer.Option(help="Members in the timed build (default: the small preset's).")] = 64,
+    members: Annotated[
+        Optional[int], typer.Option(help="Members in the timed build (default: 64, the small preset's; 1,024 on cuda).")
+    ] = None,
     steps: Annotated[int, typer.Option(help="Training steps per member (default: the small preset's).")] = 2000,
     baseline_members: Annotated[int, typer.Option(help="Members the one-at-a-time baseline trains.")] = 2,
     members_per_batch: Annotated[
