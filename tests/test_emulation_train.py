@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import numpy as np
 import polars as pl
@@ -91,13 +92,29 @@ def test_stream_decodes_a_split_that_fits_its_buffer_once(zoo3, monkeypatch, buf
     fits = stream.chunks_per_window >= chunks
     assert fits == (buffer_rows == 10_000) and chunks > 1
     per_epoch = 0 if fits else chunks
-    assert len(reads) == chunks + 2 * per_epoch
+    for ahead in stream._ahead.values():
+        ahead.result()  # the window after the last, decoded in the background
+    assert len(reads) == chunks + 2 * per_epoch + (0 if fits else 1)
     # the cache changes nothing: a stream that forgets its decoded chunks gives the same batches
     fresh = TrainStream(zoo, "train", batch_size=4, seed=0, buffer_rows=buffer_rows)
     for s, b in enumerate(first):
         fresh._decoded = {}
         got = fresh.batch(s)
         assert torch.equal(got.params, b.params) and torch.equal(got.targets, b.targets)
+
+
+def test_prefetch_decodes_ahead_in_the_background_and_changes_no_batch(zoo3, monkeypatch):
+    zoo = open_zoo(zoo3)
+    threads = []
+    real = data._read_chunk
+    monkeypatch.setattr(data, "_read_chunk", lambda z, c: threads.append(threading.current_thread().name) or real(z, c))
+    ahead = TrainStream(zoo, "train", batch_size=4, seed=0, buffer_rows=1)
+    plain = TrainStream(zoo, "train", batch_size=4, seed=0, buffer_rows=1, prefetch=False)
+    steps = [*range(2 * ahead.rows // 4), 1, 0, 7, 3]  # two epochs, then seeks back and forth
+    for s in steps:
+        a, b = ahead.batch(s), plain.batch(s)
+        assert torch.equal(a.params, b.params) and torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+    assert any(name.startswith("rnnrep-prefetch") for name in threads)
 
 
 def test_validation_set_is_fixed(zoo3):

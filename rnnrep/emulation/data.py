@@ -1,11 +1,13 @@
 """Zoo rows as emulation batches: a seekable shuffled stream for training, a fixed set for validation.
 
 Training stream (`TrainStream`). Memory stays bounded in the zoo's size: the rows
-of a split are read row group by row group, and only a window of row groups (the
-shuffle buffer, about `buffer_rows` rows) is held at a time, each row with the one
-rollout it will be trained on. A split that fits one window is decoded once, all
-rollouts kept, and re-picked each epoch (decoding is most of the cost). Per epoch the order of the row groups is shuffled, then the rows inside
-each window; the epochs' row orders are concatenated into one endless row stream,
+of a split are read row group by row group, and only a few windows of row groups (the
+shuffle buffer, about `buffer_rows` rows each: the one training, the one before, the
+next) are held at a time, each row with the one rollout it will be trained on. The
+next window is decoded in a background thread while the current one trains. A split
+that fits one window is decoded once, all rollouts kept, and re-picked each epoch
+(decoding is most of the cost). Per epoch the order of the row groups is shuffled,
+then the rows inside each window; the epochs' row orders are concatenated into one endless row stream,
 and global step `s` is rows `[s * B, (s + 1) * B)` of it. Everything up to the data
 itself is index arithmetic on seeded generators, so:
 
@@ -22,6 +24,7 @@ every evaluation, in every run.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -108,6 +111,7 @@ class TrainStream:
         buffer_rows: int = 1024,
         rank: int = 0,
         world_size: int = 1,
+        prefetch: bool = True,
     ) -> None:
         if batch_size % world_size:
             raise ValueError(f"batch size {batch_size} is not divisible by {world_size} workers")
@@ -121,11 +125,16 @@ class TrainStream:
         self._epoch_cache: tuple[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] | None = None
         self._window_cache: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         self._decoded: dict[int, dict[str, np.ndarray]] = {}  # chunk id -> all its rows, all rollouts
+        # the next window is decoded in a background thread while this one trains:
+        # decoding releases the GIL, so on a GPU the step no longer waits for Parquet
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="rnnrep-prefetch") if prefetch else None
+        self._ahead: dict[tuple[int, int], Future] = {}
 
     def _epoch(self, epoch: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per window of an epoch: chunk ids, and per row of the window (in order) its chunk-local slot and rollout."""
-        if self._epoch_cache and self._epoch_cache[0] == epoch:
-            return self._epoch_cache[1]
+        cached = self._epoch_cache  # read once: the prefetch thread may replace it
+        if cached and cached[0] == epoch:
+            return cached[1]
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(len(self.chunks))
         windows = []
@@ -147,26 +156,37 @@ class TrainStream:
     def _window(self, epoch: int, w: int) -> dict[str, np.ndarray]:
         key = (epoch, w)
         if key not in self._window_cache:
-            ids, pos, roll = self._epoch(epoch)[w]
-            parts, decoded = [], {}
-            for j, cid in enumerate(ids):
-                mine = np.flatnonzero(pos[:, 0] == j)  # window rows from this chunk, in window order
-                dense = self._decoded.get(cid)
-                if dense is None:
-                    dense = _read_chunk(self.zoo, self.chunks[cid])
-                decoded[cid] = dense
-                parts.append((mine, _pick(self.zoo.kind, dense, pos[mine, 1], roll[mine])))
-            # a split that fits one window is decoded once, not once per epoch
-            self._decoded = decoded if len(ids) == len(self.chunks) else {}
-            n = len(pos)
-            arrays = {k: np.empty((n, *v.shape[1:]), v.dtype) for k, v in parts[0][1].items()}
-            for mine, a in parts:
-                for k in arrays:
-                    arrays[k][mine] = a[k]
+            ahead = self._ahead.pop(key, None)
+            arrays = ahead.result() if ahead is not None else self._build_window(epoch, w)
             # keep only the current window and the one before (a batch may span two)
             self._window_cache = {k: v for k, v in self._window_cache.items() if k >= (epoch, w - 1)}
             self._window_cache[key] = arrays
+            if self._prefetcher is not None:
+                nxt = (epoch, w + 1) if w + 1 < len(self._epoch(epoch)) else (epoch + 1, 0)
+                if nxt not in self._ahead:  # after a seek, a stale window is dropped, not awaited
+                    self._ahead = {nxt: self._prefetcher.submit(self._build_window, *nxt)}
         return self._window_cache[key]
+
+    def _build_window(self, epoch: int, w: int) -> dict[str, np.ndarray]:
+        """Window `w` of `epoch`: its rows in shuffled order, each with its rollout."""
+        ids, pos, roll = self._epoch(epoch)[w]
+        parts, decoded = [], {}
+        cache = self._decoded
+        for j, cid in enumerate(ids):
+            mine = np.flatnonzero(pos[:, 0] == j)  # window rows from this chunk, in window order
+            dense = cache.get(cid)
+            if dense is None:
+                dense = _read_chunk(self.zoo, self.chunks[cid])
+            decoded[cid] = dense
+            parts.append((mine, _pick(self.zoo.kind, dense, pos[mine, 1], roll[mine])))
+        # a split that fits one window is decoded once, not once per epoch
+        self._decoded = decoded if len(ids) == len(self.chunks) else {}
+        n = len(pos)
+        arrays = {k: np.empty((n, *v.shape[1:]), v.dtype) for k, v in parts[0][1].items()}
+        for mine, a in parts:
+            for k in arrays:
+                arrays[k][mine] = a[k]
+        return arrays
 
     def _rows(self, start: int, count: int) -> dict[str, np.ndarray]:
         """Rows `[start, start + count)` of the endless row stream."""
