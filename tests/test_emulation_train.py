@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 
@@ -23,6 +24,7 @@ from rnnrep.emulation.step import (
     make_optimizers,
     train_step,
 )
+from rnnrep.emulation.train import worker_threads
 from rnnrep.zoo.store import open_zoo
 
 SMALL_ENCODER = ["--encoder", "flat", "--encoder-opt", "hidden=[16]", "--emulator-opt", "hidden_size=16"]
@@ -115,6 +117,13 @@ def test_prefetch_decodes_ahead_in_the_background_and_changes_no_batch(zoo3, mon
         a, b = ahead.batch(s), plain.batch(s)
         assert torch.equal(a.params, b.params) and torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
     assert any(name.startswith("rnnrep-prefetch") for name in threads)
+
+
+def test_workers_share_the_cores_they_may_run_on():
+    cores = len(os.sched_getaffinity(0))
+    assert worker_threads(1) == cores
+    assert worker_threads(2) == max(1, cores // 2)
+    assert worker_threads(4 * cores) == 1
 
 
 def test_validation_set_is_fixed(zoo3):

@@ -75,7 +75,7 @@ class TrainConfig:
     workers: int = 1
     gpus_per_worker: float = 0.0
     buffer_rows: int = 1024  # training shuffle buffer (bounds memory)
-    threads_per_worker: int | None = None  # torch threads; None: the worker's CPU share
+    threads_per_worker: int | None = None  # torch threads; None: its node's cores / its workers there
 
     def __post_init__(self) -> None:
         from rnnrep.emulation.emulator import EmulatorConfig
@@ -257,6 +257,17 @@ def _all_sum(values: list[float], world: int, device) -> list[float]:
     return t.tolist()
 
 
+def worker_threads(local_workers: int) -> int:
+    """Torch threads for one of `local_workers` training workers on this node: an equal
+    share of the cores this process may run on.
+
+    Not the worker's Ray CPU resource: that is capped at 1 so Ray's own actors can be
+    scheduled, and one torch thread left half of a 2-core machine idle.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // max(1, local_workers))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: train, validate, report, checkpoint; resumes from the latest checkpoint."""
     import ray.train
@@ -278,8 +289,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = Path(config["run"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if config.get("threads"):
-        torch.set_num_threads(int(config["threads"]))
+    torch.set_num_threads(config.get("threads") or worker_threads(ctx.get_local_world_size()))
     device = ray.train.torch.get_device() if config.get("use_gpu") else torch.device("cpu")
 
     zoo = open_zoo(cfg.zoo, verify=False)
@@ -438,7 +448,7 @@ def run_training(
     per_worker: dict[str, float] = {"CPU": cpus}
     if use_gpu:
         per_worker["GPU"] = cfg.gpus_per_worker
-    threads = cfg.threads_per_worker or max(1, int(cpus))
+    threads = cfg.threads_per_worker  # None: each worker decides from its own node
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "run": str(out.resolve()), "use_gpu": use_gpu, "threads": threads},
