@@ -210,6 +210,12 @@ class TrainStream:
         arrays = self._rows(step * self.batch_size + self.rank * per_rank, per_rank)
         return batch_from_arrays(self.zoo.kind, arrays)
 
+    def close(self) -> None:
+        """Stop decoding ahead: waits for a decode under way, drops a queued one."""
+        if self._prefetcher is not None:
+            self._prefetcher.shutdown(wait=True, cancel_futures=True)
+        self._ahead = {}
+
     def iter_from(self, step: int = 0) -> Iterator[EmulationBatch]:
         while True:
             yield self.batch(step)

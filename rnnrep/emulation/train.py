@@ -366,6 +366,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
             train_sum, train_n, t0 = 0.0, 0, time.perf_counter()
     finally:
+        stream.close()
         if log is not None:
             log.close()
 
