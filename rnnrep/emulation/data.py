@@ -2,8 +2,8 @@
 
 Training stream (`TrainStream`). Memory stays bounded in the zoo's size: the rows
 of a split are read row group by row group, and only a few windows of row groups (the
-shuffle buffer, about `buffer_rows` rows each: the one training, the one before, the
-next) are held at a time, each row with the one rollout it will be trained on. The
+shuffle buffer, about `buffer_rows` rows each: the one training and the next) are held
+at a time, each row with the one rollout it will be trained on. The
 next window is decoded in a background thread while the current one trains. A split
 that fits one window is decoded once, all rollouts kept, and re-picked each epoch
 (decoding is most of the cost). Per epoch the order of the row groups is shuffled,
@@ -158,9 +158,9 @@ class TrainStream:
         if key not in self._window_cache:
             ahead = self._ahead.pop(key, None)
             arrays = ahead.result() if ahead is not None else self._build_window(epoch, w)
-            # keep only the current window and the one before (a batch may span two)
-            self._window_cache = {k: v for k, v in self._window_cache.items() if k >= (epoch, w - 1)}
-            self._window_cache[key] = arrays
+            # only the current window: a batch spanning two holds views of the one before,
+            # and the next is being decoded ahead; holding more showed in peak memory
+            self._window_cache = {key: arrays}
             if self._prefetcher is not None:
                 nxt = (epoch, w + 1) if w + 1 < len(self._epoch(epoch)) else (epoch + 1, 0)
                 if nxt not in self._ahead:  # after a seek, a stale window is dropped, not awaited
