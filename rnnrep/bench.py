@@ -15,6 +15,7 @@ import statistics
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ def matmul_peak_gflops(device: str = "cpu", seconds: float = 1.0) -> float:
     """This device's float32 matmul rate (CPU: all threads torch uses), from 1024^3 or 8192^3 products."""
     n = 1024 if device == "cpu" else 8192
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
     a @ b
     sync()
     k, t0 = 0, time.perf_counter()
@@ -84,8 +85,7 @@ def baseline_fl(members: int, steps: int, device: str = "cpu") -> float:
             if step in snapshots:
                 for n in (1000, 100):  # accuracy samples, then stored rollouts
                     _sample(lstm, linear, offsets, n)
-    if device == "cuda":
-        torch.cuda.synchronize()
+    _synchronizer(device)()
     return members * (steps + 1) / (time.perf_counter() - t0)
 
 
@@ -100,6 +100,11 @@ def _sample(lstm, linear, offsets, n: int) -> float:
         tokens.append(torch.multinomial(probs, 1))
     correct, _, _ = fl.accept(torch.cat(tokens, 1).cpu(), offsets)
     return float(correct.float().mean())
+
+
+def _synchronizer(device: str) -> Callable[[], None]:
+    """What waits for queued GPU work, so a timer stops when the work is done; a no-op on CPU."""
+    return torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
 
 def _check_device(device: str) -> None:
@@ -252,7 +257,7 @@ def bench_train(
     emulator = Emulator(spec.input_size, spec.output_size, EmulatorConfig()).to(device)
     opt = adamw(emulator)  # as make_optimizers builds it
     z = torch.nn.functional.normalize(torch.randn(batch, 16, generator=g), dim=-1).to(device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
 
     def emulator_step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -349,7 +354,7 @@ def bench_lstm(task: str, members: int, threads: int, min_steps: int, compile_: 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(members, B, T, spec.input_size, generator=g).to(device)
     y = torch.randint(0, spec.output_size, (members, B, T), generator=g).to(device)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    sync = _synchronizer(device)
 
     def batched(impl: str):
         flat = lstm.init_params(spec, [torch.Generator().manual_seed(i) for i in range(members)]).to(device)

@@ -449,10 +449,10 @@ def run_training(
     per_worker: dict[str, float] = {"CPU": cpus}
     if use_gpu:
         per_worker["GPU"] = cfg.gpus_per_worker
-    threads = cfg.threads_per_worker  # None: each worker decides from its own node
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.to_dict(), "run": str(out.resolve()), "use_gpu": use_gpu, "threads": threads},
+        train_loop_config={"cfg": cfg.to_dict(), "run": str(out.resolve()), "use_gpu": use_gpu,
+                           "threads": cfg.threads_per_worker},  # None: each worker decides on its node
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=per_worker),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=ray.train.RunConfig(

@@ -51,12 +51,16 @@ def permute_randomly(
 ) -> Tensor:
     """`params[B, P]` with random hidden-neuron permutations: one per layer for the batch, or per member.
 
+    `per` is an `augment` setting, checked by `check_augment` when its config is made.
+
     The permuted member computes the same function, so it is another sample of the
     same data point: encoders that are not permutation invariant by construction
     (flat MLP, parameter transformer) learn the symmetry from it. `per="batch"` is
     the reference's augmentation and costs one gather; `per="member"` gives more
-    distinct samples per step at a gather per tensor.
+    distinct samples per step at a gather per tensor; `per="none"` leaves `params` as they are.
     """
+    if per == "none":
+        return params
     if per == "member":
         perms = random_permutations(spec, params.shape[0], generator=generator)
         return permute_hidden(spec, params, [p.to(params.device) for p in perms])

@@ -38,6 +38,6 @@ class FlatEncoder(nn.Module):
         self.head = mlp((spec.num_params, *cfg.hidden, cfg.embedding_size))
 
     def forward(self, params: Tensor) -> Tensor:
-        if self.training and self.cfg.augment != "none":
+        if self.training:
             params = permute_randomly(self.spec, params, self.cfg.augment)
         return unit_norm(self.head(params))

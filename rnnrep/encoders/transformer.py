@@ -103,7 +103,7 @@ class TransformerEncoder(nn.Module):
         return torch.cat(rows, dim=1) + self.positions
 
     def forward(self, params: Tensor) -> Tensor:
-        if self.training and self.cfg.augment != "none":
+        if self.training:
             params = permute_randomly(self.spec, params, self.cfg.augment)
         x = self.tokens(params)
         for i, block in enumerate(self.blocks):

@@ -150,9 +150,10 @@ class WholeMembers:
     """Re-joins members whose snapshot rows arrive split across Ray Data blocks.
 
     Ray Data cuts an actor's output into blocks of at most `target_max_block_size`
-    (128 MiB by default), and a cut can fall inside one member's rows. Written as they came, such halves made part files that
-    `reconcile` rightly deleted, and a GPU build of 256 members per actor never
-    finished. So rows are held until all of a member's snapshots are in.
+    (128 MiB by default), and a cut can fall inside one member's rows. Written as
+    they came, such halves made part files that `reconcile` rightly deleted, and a
+    GPU build of 256 members per actor never finished. So rows are held until all
+    of a member's snapshots are in.
     """
 
     def __init__(self, snapshots: int) -> None:
