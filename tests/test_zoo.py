@@ -107,7 +107,7 @@ def test_members_split_across_ray_blocks_are_written_whole(ray_local, tmp_path):
     batch of 256 members did); the build must still write every member whole, once."""
     ctx = ray_local.data.DataContext.get_current()
     old = ctx.target_max_block_size
-    ctx.target_max_block_size = 200_000  # bytes: about 3 snapshot rows of a tiny member
+    ctx.target_max_block_size = 200_000  # bytes: small enough to cut the batch into blocks (asserted below)
     try:
         out = tmp_path / "zoo"
         r = build_cli(out, "--members", "4", "--members-per-batch", "4")
