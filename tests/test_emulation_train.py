@@ -191,6 +191,9 @@ def test_train_resume_embed_and_errors(zoo3, tmp_path):
     assert (run / "config.json").read_text() == config_before
     fails(_train_args(zoo_path, tmp_path / "x", 0), "steps")
     fails([*_train_args(zoo_path, tmp_path / "x", 3)[:-6], "--encoder", "nope"], "unknown encoder")
+    fails([*_train_args(zoo_path, tmp_path / "x", 3), "--encoder-opt", "augment=layer"],
+          "augment must be one of batch, member, none")
+    assert not (tmp_path / "x").exists()
     broken = tmp_path / "broken"
     shutil.copytree(run, broken)
     (broken / "checkpoints" / "best.pt").write_bytes(b"not a checkpoint")

@@ -80,7 +80,12 @@ def encoder_config(name: str, kind: str, **overrides: Any) -> Any:
         raise ConfigError(f"{name} has no setting(s) {unknown}; its settings are: {', '.join(sorted(fields))}")
     values = {**_KIND_DEFAULTS.get(name, {}).get(kind, {}), **overrides}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return config_cls(**values)
+    try:
+        return config_cls(**values)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a config's own check of a value: bad input, not a bug
+        raise ConfigError(f"{name}: {e}") from None
 
 
 def build_encoder(name: str, spec: LSTMSpec, kind: str, **overrides: Any) -> nn.Module:
