@@ -14,6 +14,22 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 
+@pytest.fixture(params=["c-kernel", "torch-ops"])
+def cell_path(request):
+    """Runs a test twice: with the C cell kernel (`rnnrep/cell.py`) and with torch ops."""
+    from rnnrep import cell
+
+    if request.param == "torch-ops":
+        with cell.torch_ops():
+            yield request.param
+        return
+    if cell.library() is None:
+        if cell.find_compiler() is None:
+            pytest.skip("no C compiler: the cell kernel cannot be built here")
+        pytest.fail("a C compiler is here but the cell kernel did not build (see the logged warning)")
+    yield request.param
+
+
 @pytest.fixture(scope="session")
 def ray_local(tmp_path_factory):
     import ray

@@ -10,21 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rnnrep import cell, lstm
+from rnnrep import lstm
 from rnnrep.lstm import LSTMSpec
 
-
-@pytest.fixture(autouse=True, params=["c-kernel", "torch-ops"])
-def cell_path(request):
-    if request.param == "torch-ops":
-        with cell.torch_ops():
-            yield request.param
-        return
-    if cell.library() is None:
-        if cell.find_compiler() is None:
-            pytest.skip("no C compiler: the cell kernel cannot be built here")
-        pytest.fail("a C compiler is here but the cell kernel did not build (see the logged warning)")
-    yield request.param
+pytestmark = pytest.mark.usefixtures("cell_path")  # every test on both cell paths (conftest)
 
 
 SPECS = [LSTMSpec(6, 6), LSTMSpec(16, 10), LSTMSpec(3, 2, hidden_size=5, num_layers=3)]

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnrep import lstm
+from rnnrep.encoders.stepping import SteppedLSTM
 from rnnrep.lstm import LSTMSpec
 
 KINDS = ("formal-languages", "sequential-mnist")
@@ -93,8 +94,8 @@ class ResidualLSTMCore(nn.Module):
     """Stacked LSTM whose every layer adds its input to its output (the reference's `RNNCell`).
 
     Held as single-layer `nn.LSTM`s so that a whole sequence runs in the fused
-    kernel (non-interactive); `step` runs the same weights one step at a time with
-    the fused cell op that `nn.LSTMCell` uses (interactive). The reference allocates
+    kernel (non-interactive); `stepper` runs the same weights one step at a time
+    (interactive). The reference allocates
     an initial state `h0`, `c0` but always starts from zeros; so does this core by
     default (the parameters exist, unused, for the paper's parameter count), and
     `learn_initial_state` trains them instead.
@@ -108,29 +109,23 @@ class ResidualLSTMCore(nn.Module):
         self.residual = residual
         self.learn_initial_state = learn_initial_state
 
-    def initial_state(self, batch: int) -> list[tuple[Tensor, Tensor]]:
+    def initial_state(self, batch: int) -> list[tuple[Tensor, Tensor]] | None:
+        """Per-layer `(h, c)`, each `[batch, D]`; None for zeros (the reference's start)."""
         if not self.learn_initial_state:
-            zeros = self.h0.new_zeros(batch, self.h0.shape[1])
-            return [(zeros, zeros)] * len(self.layers)
+            return None
         return [(h.expand(batch, -1), c.expand(batch, -1)) for h, c in zip(self.h0, self.c0)]
 
     def sequence(self, x: Tensor) -> Tensor:
         """Outputs `[B, T, D]` for inputs `[B, T, D]`, from the initial state."""
-        for layer, (h, c) in zip(self.layers, self.initial_state(x.shape[0])):
-            out, _ = layer(x, (h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous()))
+        state = self.initial_state(x.shape[0]) or [None] * len(self.layers)
+        for layer, hc in zip(self.layers, state):
+            out, _ = layer(x, None if hc is None else (hc[0][None].contiguous(), hc[1][None].contiguous()))
             x = out + x if self.residual else out
         return x
 
-    def step(self, x: Tensor, state: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """One step: input `[B, D]` -> top output `[B, D]` and the new per-layer states."""
-        new_state = []
-        for layer, hc in zip(self.layers, state):
-            h, c = torch.lstm_cell(
-                x, hc, layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0
-            )
-            new_state.append((h, c))
-            x = h + x if self.residual else h
-        return x, new_state
+    def stepper(self) -> SteppedLSTM:
+        """The core for one rollout of single steps (`rnnrep.encoders.stepping`)."""
+        return SteppedLSTM(self.layers, self.residual)
 
 
 class _Probing(nn.Module):
@@ -196,15 +191,15 @@ class InteractiveProbing(_Probing):
 
     def rollout(self, params: Tensor) -> tuple[Tensor, Tensor]:
         B = params.shape[0]
-        state = self.core.initial_state(B)
-        out, state = self.core.step(self.bos.expand(B, -1), state)
+        core = self.core.stepper()
+        out, state = core(self.bos.expand(B, -1), self.core.initial_state(B))
         member = lstm.Prober(self.spec, params)
         probes = []
         for t in range(self.cfg.probe_length):
             query = out + self.cfg.static_weight * self.codes[t] if self.cfg.static_weight else out
             x = self.decode_probes(query)  # [B, M, I]
             logits = member(x)  # [B, M, O]
-            out, state = self.core.step(self.read(logits), state)
+            out, state = core(self.read(logits), state)
             probes.append(x)
-        out, _ = self.core.step(self.eos.expand(B, -1), state)
+        out, _ = core(self.eos.expand(B, -1), state)
         return self.embed(out), torch.stack(probes, dim=2)
