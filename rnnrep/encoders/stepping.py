@@ -30,10 +30,14 @@ from rnnrep import cell
 State = list[tuple[Tensor, Tensor]]  # per layer (h, c), each [B, H]
 
 
-def _oifg(H: int, device: torch.device) -> Tensor:
-    """Rows that reorder PyTorch's gate blocks (i, f, g, o) to the kernel's (o, i, f, g)."""
-    r = torch.arange(H, device=device)
-    return torch.cat([r + 3 * H, r, r + H, r + 2 * H])
+def _oifg(t: Tensor) -> Tensor:
+    """PyTorch's gate blocks (i, f, g, o) along dim 0 -> the kernel's (o, i, f, g).
+
+    A cat of two slices, whose backward is two views (indexing's scatters took
+    about 2.7 ms per training step).
+    """
+    H = t.shape[0] // 4
+    return torch.cat([t[3 * H :], t[: 3 * H]])
 
 
 class SteppedLSTM:
@@ -46,9 +50,8 @@ class SteppedLSTM:
 
     def __init__(self, layers: nn.ModuleList, residual: bool) -> None:
         H = layers[0].hidden_size
-        order = _oifg(H, layers[0].weight_hh_l0.device)
         self.weights = [
-            t[order]
+            _oifg(t)
             for layer in layers
             for t in (layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0 + layer.bias_hh_l0)
         ]
