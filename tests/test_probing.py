@@ -117,6 +117,49 @@ def test_static_weight_mixes_codes_into_interactive_queries():
     assert not torch.allclose(plain.rollout(params)[1], mixed.rollout(params)[1])
 
 
+def _reference_rollout(enc, params, interactive: bool):
+    """The reference's `InteractiveEncoder` loop written out with `torch.lstm_cell`: query =
+    the core's output (interactive weight 1) or the code of step t (static weight 1)."""
+    B = params.shape[0]
+    zeros = params.new_zeros(B, enc.cfg.core_hidden)
+    state = [(zeros, zeros)] * enc.cfg.core_layers
+
+    def core(x, state):
+        new = []
+        for layer, hc in zip(enc.core.layers, state):
+            h, c = torch.lstm_cell(x, hc, layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0)
+            new.append((h, c))
+            x = h + x
+        return x, new
+
+    out, state = core(enc.bos.expand(B, -1), state)
+    member = lstm.Prober(enc.spec, params)
+    for t in range(enc.cfg.probe_length):
+        query = out if interactive else enc.codes[t].expand(B, -1)
+        out, state = core(enc.read(member(enc.decode_probes(query))), state)
+    out, _ = core(enc.eos.expand(B, -1), state)
+    return enc.embed(out)
+
+
+@pytest.mark.parametrize("encoder", ENCODERS)
+def test_matches_the_reference_loop_values_and_gradients(encoder):
+    """Non-interactive runs member and core over whole sequences, interactive steps the
+    core in its own autograd node; both must be the reference's step-by-step loop."""
+    torch.manual_seed(0)
+    enc = tiny(encoder, "formal-languages").double()
+    params = members(TINY["formal-languages"], 3).double()
+    got = enc(params)
+    want = _reference_rollout(enc, params, interactive=encoder is InteractiveProbing)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    w = torch.randn_like(got)
+    g_got = torch.autograd.grad((got * w).sum(), list(enc.parameters()), allow_unused=True)
+    g_want = torch.autograd.grad((want * w).sum(), list(enc.parameters()), allow_unused=True)
+    for (name, _), a, b in zip(enc.named_parameters(), g_got, g_want):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=name)
+
+
 @pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("learn", [False, True])
 def test_core_starts_from_zeros_as_the_reference_does(encoder, learn):
