@@ -192,12 +192,14 @@ class InteractiveProbing(_Probing):
     def rollout(self, params: Tensor) -> tuple[Tensor, Tensor]:
         B = params.shape[0]
         core = self.core.stepper()
-        out, state = core(self.bos.expand(B, -1), self.core.initial_state(B))
+        # The core's read of BOS, and so probe 0, is the same for every member: one row.
+        out, state = core(self.bos[None], self.core.initial_state(1))
+        state = [(h.expand(B, -1), c.expand(B, -1)) for h, c in state]
         member = lstm.Prober(self.spec, params)
         probes = []
         for t in range(self.cfg.probe_length):
             query = out + self.cfg.static_weight * self.codes[t] if self.cfg.static_weight else out
-            x = self.decode_probes(query)  # [B, M, I]
+            x = self.decode_probes(query).expand(B, -1, -1)  # [B, M, I]
             logits = member(x)  # [B, M, O]
             out, state = core(self.read(logits), state)
             probes.append(x)
