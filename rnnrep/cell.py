@@ -1,4 +1,5 @@
-"""The fused LSTM cell kernel (`_cell.c`), compiled for this machine on first use.
+"""rnnrep's C kernels, compiled for this machine on first use: the fused LSTM cell
+(`_cell.c`) and dropout (`_dropout.c`, used by `rnnrep.dropout`).
 
 At a member's size the per-step elementwise work, not the matmul, is most of a
 training step, and it is a dozen small ATen ops. One C call per step does it in a
@@ -6,7 +7,8 @@ single pass (`rnnrep bench zoo` measures the whole build). The kernel is plain C
 with no torch headers: it compiles in about a second with the system C compiler and
 loads through ctypes, so installing rnnrep needs no build step. Without a compiler,
 or with `RNNREP_CELL_KERNEL=0`, `lstm` runs the same math in torch ops (always so on
-GPUs); results then differ in the last bits, not in meaning.
+GPUs); results then differ in the last bits, not in meaning. The same switch sends
+dropout back to torch's.
 
 Builds are cached per source, compiler flags and CPU (`-march=native`) under
 `$RNNREP_CACHE` (default `~/.cache/rnnrep`), written to a temp name and renamed, so
@@ -33,7 +35,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("_cell.c")
+SOURCES = [Path(__file__).with_name(name) for name in ("_cell.c", "_dropout.c")]
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fPIC", "-shared"]
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
@@ -53,7 +55,7 @@ def _cache_dir() -> Path:
 
 
 def _compile(compiler: str) -> Path:
-    src = SOURCE.read_bytes()
+    src = b"".join(s.read_bytes() for s in SOURCES)
     key = hashlib.sha256(src + " ".join([compiler, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
     target = _cache_dir() / f"cell-{key}.so"
     if target.exists():
@@ -62,7 +64,7 @@ def _compile(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -77,22 +79,23 @@ def find_compiler() -> str | None:
 
 @cache
 def library() -> ctypes.CDLL | None:
-    """The compiled kernel, or None (disabled, no compiler, or the build failed: logged)."""
+    """The compiled kernels, or None (disabled, no compiler, or the build failed: logged)."""
     if os.environ.get("RNNREP_CELL_KERNEL", "1") == "0":
         return None
     compiler = find_compiler()
     if compiler is None:
-        log.warning("no C compiler found: the LSTM cell runs as torch ops (slower zoo builds)")
+        log.warning("no C compiler found: the LSTM cell and dropout run as torch ops (slower)")
         return None
     try:
         lib = ctypes.CDLL(str(_compile(compiler)))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or err
-        log.warning("compiling the LSTM cell kernel failed, using torch ops: %s", detail)
+        log.warning("compiling the C kernels failed, using torch ops: %s", detail)
         return None
     for suffix in ("f32", "f64"):
         getattr(lib, f"cell_forward_{suffix}").argtypes = [_I, _I, _P, _P, _P, _P, _I, _P, _P, _P]
         getattr(lib, f"cell_backward_{suffix}").argtypes = [_I, _I, _P, _P, _P, _P, _P, _P]
+    lib.dropout_f32.argtypes = [_I, _P, _P, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float]
     return lib
 
 
@@ -102,7 +105,7 @@ _torch_ops_depth = 0  # > 0 inside `torch_ops()`
 
 @contextmanager
 def torch_ops() -> Iterator[None]:
-    """Within the block the cell runs as torch ops even where the kernel is built.
+    """Within the block the cell and dropout run as torch ops even where the kernels are built.
 
     For comparing the two paths (`rnnrep bench lstm`, the tests); not thread-safe.
     """
@@ -123,3 +126,11 @@ def kernels(t: Tensor):
         return None
     s = _SUFFIX[t.dtype]
     return getattr(lib, f"cell_forward_{s}"), getattr(lib, f"cell_backward_{s}")
+
+
+def dropout_kernel(t: Tensor):
+    """The C dropout function for `t` (CPU float32 only), or None where it does not apply."""
+    if _torch_ops_depth or t.device.type != "cpu" or t.dtype != torch.float32:
+        return None
+    lib = library()
+    return None if lib is None else lib.dropout_f32

@@ -185,6 +185,20 @@ def test_augment_setting_is_checked_and_reads_old_run_folders() -> None:
         FlatConfig(augment="layer")
 
 
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(dropout=1.5), r"dropout must be in \[0, 1\)"),
+        (dict(attention_dropout=-0.1), r"attention_dropout must be in \[0, 1\)"),
+        (dict(num_heads=3), "divisible by num_heads"),
+        (dict(d_model=0), "d_model must be positive"),
+    ],
+)
+def test_transformer_config_rejects_what_cannot_build(bad, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        TransformerConfig(**bad)
+
+
 def test_block_is_a_post_norm_transformer_layer() -> None:
     torch.manual_seed(0)
     block = Block(d_model=8, num_heads=2, feedforward=16, dropout=0.0, attention_dropout=0.0).eval()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from rnnrep.dropout import Dropout
 from rnnrep.encoders.common import (
     check_augment,
     permute_randomly,
@@ -49,6 +50,14 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "augment", check_augment("TransformerConfig", self.augment))
+        for name in ("d_model", "num_layers", "num_heads", "feedforward", "embedding_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TransformerConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.d_model % self.num_heads:
+            raise ValueError(f"TransformerConfig.d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
+        for name in ("dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"TransformerConfig.{name} must be in [0, 1), got {getattr(self, name)}")
 
 
 class Block(nn.Module):
@@ -64,10 +73,10 @@ class Block(nn.Module):
         super().__init__()
         self.attn = nn.MultiheadAttention(d_model, num_heads, dropout=attention_dropout, batch_first=True)
         self.ff = nn.Sequential(
-            nn.Linear(d_model, feedforward), nn.ReLU(), nn.Dropout(dropout), nn.Linear(feedforward, d_model)
+            nn.Linear(d_model, feedforward), nn.ReLU(), Dropout(dropout), nn.Linear(feedforward, d_model)
         )
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
-        self.drop1, self.drop2 = nn.Dropout(dropout), nn.Dropout(dropout)
+        self.drop1, self.drop2 = Dropout(dropout), Dropout(dropout)
 
     def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
         q = x[:, -1:] if last_only else x
