@@ -54,6 +54,10 @@ def test_default_config():
     assert default_probing_config("sequential-mnist", num_probes=4).num_probes == 4
     with pytest.raises(ValueError, match="formal-languages"):
         default_probing_config("chess")
+    with pytest.raises(ValueError, match="ProbingConfig.core_hidden must be positive, got 0"):
+        ProbingConfig(core_hidden=0)
+    with pytest.raises(ValueError, match="ProbingConfig.mlp_layers must be >= 0"):
+        ProbingConfig(mlp_layers=-1)
 
 
 @pytest.mark.parametrize("encoder", ENCODERS)

@@ -37,6 +37,14 @@ def unit_norm(z: Tensor) -> Tensor:
 AUGMENT = ("batch", "member", "none")
 
 
+def check_positive(config: object, *names: str) -> None:
+    """A ValueError naming the first of `config`'s fields `names` that is below 1."""
+    for name in names:
+        value = getattr(config, name)
+        if value < 1:
+            raise ValueError(f"{type(config).__name__}.{name} must be positive, got {value}")
+
+
 def check_augment(owner: str, value: str | bool) -> str:
     """A valid `augment` setting; a bool is how run folders from before it was a choice hold it."""
     if isinstance(value, bool):  # True then meant one permutation per member

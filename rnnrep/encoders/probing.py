@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnrep import lstm
+from rnnrep.encoders.common import check_positive
 from rnnrep.encoders.stepping import SteppedLSTM
 from rnnrep.lstm import LSTMSpec
 
@@ -62,9 +63,7 @@ class ProbingConfig:
     learn_initial_state: bool = False  # the reference starts the core from zeros
 
     def __post_init__(self) -> None:
-        for name in ("embedding_size", "core_hidden", "core_layers", "mlp_hidden", "num_probes", "probe_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ProbingConfig.{name} must be positive, got {getattr(self, name)}")
+        check_positive(self, "embedding_size", "core_hidden", "core_layers", "mlp_hidden", "num_probes", "probe_length")
         if self.mlp_layers < 0:
             raise ValueError(f"ProbingConfig.mlp_layers must be >= 0, got {self.mlp_layers}")
 

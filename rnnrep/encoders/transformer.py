@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from rnnrep.dropout import Dropout
 from rnnrep.encoders.common import (
     check_augment,
+    check_positive,
     permute_randomly,
     unit_norm,
     weight_bias_pairs,
@@ -50,9 +51,7 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "augment", check_augment("TransformerConfig", self.augment))
-        for name in ("d_model", "num_layers", "num_heads", "feedforward", "embedding_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TransformerConfig.{name} must be positive, got {getattr(self, name)}")
+        check_positive(self, "d_model", "num_layers", "num_heads", "feedforward", "embedding_size")
         if self.d_model % self.num_heads:
             raise ValueError(f"TransformerConfig.d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})")
         for name in ("dropout", "attention_dropout"):
