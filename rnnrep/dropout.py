@@ -30,37 +30,28 @@ def _masked(kernel, x: Tensor, p: float, seed: int) -> Tensor:
 
 class _HashDropout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, p: float) -> Tensor:
-        kernel = cell.dropout_kernel(x)
+    def forward(ctx, x: Tensor, p: float, kernel) -> Tensor:
         ctx.kernel, ctx.p, ctx.seed = kernel, p, int(torch.randint(0, _SEED_LIMIT, ()))
         return _masked(kernel, x, p, ctx.seed)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        return _masked(ctx.kernel, grad, ctx.p, ctx.seed), None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        return _masked(ctx.kernel, grad, ctx.p, ctx.seed), None, None
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     """`F.dropout(x, p, training)`, on the C kernel where it applies."""
     if not training or p == 0.0:
         return x
-    if not 0.0 < p < 1.0 or cell.dropout_kernel(x) is None or x.numel() >= 2**32:
+    kernel = cell.dropout_kernel(x)
+    if kernel is None or not 0.0 < p < 1.0 or x.numel() >= 2**32:
         return F.dropout(x, p, training=True)  # which also rejects a p outside [0, 1]
-    return _HashDropout.apply(x, p)
+    return _HashDropout.apply(x, p, kernel)
 
 
-class Dropout(nn.Module):
-    """`nn.Dropout` on `dropout` above."""
-
-    def __init__(self, p: float) -> None:
-        super().__init__()
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-        self.p = p
+class Dropout(nn.Dropout):
+    """`nn.Dropout` (its checks, its repr) running `dropout` above; never in place."""
 
     def forward(self, x: Tensor) -> Tensor:
         return dropout(x, self.p, self.training)
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}"
