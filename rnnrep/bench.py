@@ -223,15 +223,21 @@ def _time_steps(*fns, min_steps: int, min_seconds: float) -> list[float]:
 
 
 def bench_train(
-    task: str, encoders: list[str], batch: int, min_steps: int, out: Path | None, device: str = "cpu"
+    task: str, encoders: list[str], batch: int, min_steps: int, out: Path | None, device: str = "cpu",
+    precision: str = "fp32",
 ) -> str:
-    """Seconds per training step per encoder and of the emulator alone, same process and device."""
+    """Seconds per training step per encoder and of the emulator alone, same process, device and precision.
+
+    The reference's figures (REFERENCE.md) are float32 steps, whatever `precision` is.
+    """
     from rnnrep.config import member_spec
     from rnnrep.emulation.emulator import Emulator, EmulatorConfig
     from rnnrep.emulation.losses import emulation_loss
     from rnnrep.emulation.step import (
+        PRECISIONS,
         EmulationBatch,
         adamw,
+        autocast,
         build_model,
         make_optimizers,
         train_step,
@@ -243,6 +249,8 @@ def bench_train(
         raise ConfigError(f"unknown encoder(s) {unknown}: choose from {', '.join(ENCODERS)}")
     if batch < 1 or min_steps < 1:
         raise ConfigError("--batch and --min-steps must be at least 1")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     _check_device(device)
     keep_freed_memory()  # as training workers do
     spec = member_spec(task)
@@ -261,14 +269,16 @@ def bench_train(
 
     def emulator_step() -> None:
         opt.zero_grad(set_to_none=True)
-        emulation_loss("total_variation", emulator(z, data.inputs), data.targets).backward()
+        with autocast(precision, device):
+            logits = emulator(z, data.inputs)
+        emulation_loss("total_variation", logits.float(), data.targets).backward()
         torch.nn.utils.clip_grad_norm_(emulator.parameters(), 0.1)
         opt.step()
         sync()
 
     rows, emu_times = [], []
     for name in encoders:
-        model = build_model(name, spec, task).to(device)
+        model = build_model(name, spec, task, precision=precision).to(device)
         opts = make_optimizers(model)
         emu_s, s = _time_steps(emulator_step, lambda: train_step(model, opts, data), min_steps=min_steps, min_seconds=2.0)
         emu_times.append(emu_s)
@@ -284,12 +294,12 @@ def bench_train(
             }
         )
     emu_s = statistics.median(emu_times)
-    res = {"task": task, "batch": batch, "device": device, "threads": torch.get_num_threads(),
+    res = {"task": task, "batch": batch, "device": device, "precision": precision, "threads": torch.get_num_threads(),
            "emulator_only_step_s": round(emu_s, 4), "encoders": rows}
     if out is not None:
         out.write_text(json.dumps(res, indent=1) + "\n")
     where = f"{res['threads']} threads" if device == "cpu" else device
-    lines = [f"{task}, batch {batch}, {where}; emulator-only step {emu_s:.3f} s "
+    lines = [f"{task}, batch {batch}, {where}, {precision}; emulator-only step {emu_s:.3f} s "
              "(timed in turn with each encoder; /emulator is against that encoder's turns)",
              f"{'encoder':16s}{'step s':>9s}{'steps/s':>9s}{'/emulator':>10s}{'ref s':>8s}{'speed-up':>9s}"]
     for r in rows:

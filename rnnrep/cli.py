@@ -166,12 +166,13 @@ def bench_train(
     min_steps: Annotated[int, typer.Option(help="Timed steps per encoder (at least 2 s each).")] = 3,
     out: Annotated[Optional[Path], typer.Option(help="Write the results as JSON here.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32 (the paper's) or bf16 (autocast), for the encoders' steps and the emulator-only step alike.")] = "fp32",
 ) -> None:
     """Seconds per emulation training step per encoder (paper architecture), beside the emulator alone."""
     from rnnrep.bench import bench_train as run
     from rnnrep.encoders import ENCODERS
 
-    _report(run, task, list(encoder or ENCODERS), batch, min_steps, out, device)
+    _report(run, task, list(encoder or ENCODERS), batch, min_steps, out, device, precision)
 
 
 @bench_app.command("train-memory")

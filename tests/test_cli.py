@@ -65,3 +65,8 @@ def test_bench_train_memory_refuses_bad_sizes():
 def test_bench_lstm_refuses_an_unknown_device():
     r = runner.invoke(app, ["bench", "lstm", "--device", "tpu"])
     assert r.exit_code == 2 and "unknown --device 'tpu'" in r.output
+
+
+def test_bench_train_refuses_an_unknown_precision():
+    r = runner.invoke(app, ["bench", "train", "--precision", "fp16"])
+    assert r.exit_code == 2 and "unknown precision 'fp16'" in r.output

@@ -160,7 +160,10 @@ def test_train_resume_embed_and_errors(zoo3, tmp_path):
     assert metrics["step"].to_list() == [3, 6] and metrics["val_loss"].is_not_null().all()
     assert {"train_loss", "val_loss", "ood_loss", "best_val_loss"} <= set(metrics.columns)
 
-    # resume with more steps == an unbroken run
+    # resume with more steps == an unbroken run; a run folder from before --precision resumes as fp32
+    conf = json.loads((run / "config.json").read_text())
+    assert conf.pop("precision") == "fp32"
+    (run / "config.json").write_text(json.dumps(conf))
     r = runner.invoke(app, _train_args(zoo_path, run, 9))
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, _train_args(zoo_path, unbroken, 9))
@@ -192,6 +195,7 @@ def test_train_resume_embed_and_errors(zoo3, tmp_path):
     fails(_train_args(zoo_path, run, 9, "--lr", "0.5"), "another configuration")
     assert (run / "config.json").read_text() == config_before
     fails(_train_args(zoo_path, tmp_path / "x", 0), "steps")
+    fails(_train_args(zoo_path, tmp_path / "x", 3, "--precision", "fp16"), "unknown precision 'fp16'", "fp32, bf16")
     fails([*_train_args(zoo_path, tmp_path / "x", 3)[:-6], "--encoder", "nope"], "unknown encoder")
     fails([*_train_args(zoo_path, tmp_path / "x", 3), "--encoder-opt", "augment=layer"],
           "augment must be one of batch, member, none")
@@ -212,6 +216,21 @@ def test_train_resume_embed_and_errors(zoo3, tmp_path):
     no_val = rewrite_splits(zoo_path, tmp_path / "zoo-no-val", lambda m: ("train", "ood")[m % 2])
     fails(_train_args(no_val, tmp_path / "y", 3), "no rows in split 'val'")
     assert not (tmp_path / "y").exists()
+
+
+def test_bf16_run_trains_resumes_and_embeds(zoo3, tmp_path):
+    runner, run = CliRunner(), tmp_path / "bf16"
+    r = runner.invoke(app, _train_args(zoo3, run, 3, "--precision", "bf16"))
+    assert r.exit_code == 0, r.output
+    assert json.loads((run / "config.json").read_text())["precision"] == "bf16"
+    assert np.isfinite(pl.read_csv(run / "metrics.csv")["val_loss"].to_numpy()).all()
+    r = runner.invoke(app, _train_args(zoo3, run, 3))
+    assert r.exit_code == 2 and "differs in: precision" in r.output, r.output
+    out = tmp_path / "emb.parquet"
+    r = runner.invoke(app, ["embed", str(run), "--zoo", str(zoo3), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    z = np.stack(pl.read_parquet(out)["z"].to_list())
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1, atol=1e-5)
 
 
 @pytest.mark.slow

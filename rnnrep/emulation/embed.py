@@ -2,8 +2,8 @@
 
     rnnrep embed runs/interactive --zoo /data/zoo-fl --out embeddings.parquet
 
-The best checkpoint's encoder runs in eval mode (no permutation augmentation), without
-gradients, batch by batch over the zoo's files, so memory stays flat in the zoo's
+The best checkpoint's encoder runs in eval mode (no permutation augmentation) and in
+the run's precision, without gradients, batch by batch over the zoo's files, so memory stays flat in the zoo's
 size. The output is written to a temporary name and renamed into place: a reader
 never sees half a file.
 """
@@ -34,7 +34,7 @@ def embed(run: str | Path, zoo: str | Path, out: str | Path, batch_rows: int = 2
     ckpt = load_checkpoint(ckpt_path)
     z = open_zoo(zoo)
     check_architecture(ckpt, z, str(ckpt_path))
-    encoder = model_from_checkpoint(ckpt).encoder.eval()
+    model = model_from_checkpoint(ckpt).eval()
     meta_cols = ["member_id", "snapshot", "step", "split", "task", *z.metric_names]
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -44,7 +44,7 @@ def embed(run: str | Path, zoo: str | Path, out: str | Path, batch_rows: int = 2
         for table in z.iter_tables(None, [*meta_cols, "params"], batch_rows):
             params = z.arrays(table.select(["params"]))["params"]
             with torch.no_grad():
-                emb = encoder(torch.from_numpy(np.array(params, dtype=np.float32))).numpy().astype(np.float32)
+                emb = model.encode(torch.from_numpy(np.array(params, dtype=np.float32))).numpy().astype(np.float32)
             zcol = pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
             batch = table.select(meta_cols).append_column("z", zcol.cast(pa.list_(pa.float32())))
             if writer is None:

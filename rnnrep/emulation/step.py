@@ -34,6 +34,19 @@ ROLLOUT_COLUMN = {"formal-languages": "sequences", "sequential-mnist": "inputs"}
 BATCH_COLUMNS = {kind: ["params", col, "logits"] for kind, col in ROLLOUT_COLUMN.items()}
 
 Optimizers = tuple[torch.optim.Optimizer, torch.optim.Optimizer]  # encoder's, emulator's
+# fp32: the paper's (and the default). bf16: the encoder's and the emulator's matmuls in
+# bfloat16 under torch.autocast; weights, optimizer state, members and losses stay float32.
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+
+
+def autocast(precision: str, device_type: str) -> torch.autocast:
+    """The autocast context of a precision (disabled for fp32)."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 @dataclass
@@ -95,15 +108,25 @@ def batch_from_arrays(
 
 
 class EmulationModel(nn.Module):
-    """Encoder (params -> z) and emulator (z, inputs -> logits), trained together."""
+    """Encoder (params -> z) and emulator (z, inputs -> logits), trained together, in `precision`."""
 
-    def __init__(self, encoder: nn.Module, emulator: Emulator) -> None:
+    def __init__(self, encoder: nn.Module, emulator: Emulator, precision: str = "fp32") -> None:
         super().__init__()
+        check_precision(precision)
         self.encoder = encoder
         self.emulator = emulator
+        self.precision = precision
 
     def forward(self, params: Tensor, inputs: Tensor) -> Tensor:
-        return self.emulator(self.encoder(params), inputs)
+        with autocast(self.precision, params.device.type):
+            logits = self.emulator(self.encoder(params), inputs)
+        return logits if self.precision == "fp32" else logits.float()
+
+    def encode(self, params: Tensor) -> Tensor:
+        """The embeddings z `[B, E]`, computed as in training."""
+        with autocast(self.precision, params.device.type):
+            z = self.encoder(params)
+        return z if self.precision == "fp32" else z.float()
 
     def loss(self, batch: EmulationBatch, loss_name: str = "total_variation") -> Tensor:
         return batch_loss(self, batch, loss_name)
@@ -114,6 +137,7 @@ def build_model(
     spec: LSTMSpec,
     kind: str,
     emulator: EmulatorConfig | dict[str, Any] | None = None,
+    precision: str = "fp32",
     **encoder_overrides: Any,
 ) -> EmulationModel:
     """Encoder `encoder` (paper defaults + overrides) and an emulator for members of `spec`."""
@@ -125,7 +149,7 @@ def build_model(
         emulator = EmulatorConfig(**{"embedding_size": emb, **(emulator or {})})
     if emulator.embedding_size != emb:
         raise ValueError(f"emulator embedding_size {emulator.embedding_size} != encoder's {emb}")
-    return EmulationModel(enc, Emulator(spec.input_size, spec.output_size, emulator))
+    return EmulationModel(enc, Emulator(spec.input_size, spec.output_size, emulator), precision)
 
 
 def unwrap(model: nn.Module) -> EmulationModel:
@@ -203,13 +227,16 @@ def evaluate_sums(model: nn.Module, batches, loss_name: str = "total_variation",
 
 __all__ = [
     "BATCH_COLUMNS",
+    "PRECISIONS",
     "ROLLOUT_COLUMN",
     "EmulationBatch",
     "EmulationModel",
     "Optimizers",
+    "autocast",
     "batch_from_arrays",
     "batch_loss",
     "build_model",
+    "check_precision",
     "evaluate_sums",
     "make_optimizers",
     "pick_rollouts",

@@ -47,6 +47,7 @@ import torch
 
 from rnnrep.config import PRESETS, ConfigError, check_preset
 from rnnrep.emulation.losses import LOSSES
+from rnnrep.emulation.step import PRECISIONS
 from rnnrep.lstm import LSTMSpec
 from rnnrep.zoo.store import atomic_write_bytes
 
@@ -69,6 +70,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     clip: float = 0.1  # grad-norm clipping per part; 0 = off
     loss: str = "total_variation"
+    precision: str = "fp32"  # or bf16: matmuls in bfloat16 under autocast (rnnrep.emulation.step.PRECISIONS)
     val_every: int = 200
     val_rows: int | None = 512  # rows of val and of ood evaluated; None = all
     seed: int = 0
@@ -94,6 +96,8 @@ class TrainConfig:
             raise ConfigError(f"gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
         encoder_config(self.encoder, "formal-languages", **self.encoder_overrides)  # name and settings
         bad = sorted(set(self.emulator) - {f.name for f in dataclasses.fields(EmulatorConfig)})
         if bad:
@@ -175,7 +179,7 @@ def model_from_checkpoint(ckpt: dict[str, Any]):
     from rnnrep.emulation.step import build_model
 
     cfg = TrainConfig.from_dict(ckpt["config"])
-    model = build_model(cfg.encoder, checkpoint_spec(ckpt), ckpt["kind"], cfg.emulator, **cfg.encoder_overrides)
+    model = build_model(cfg.encoder, checkpoint_spec(ckpt), ckpt["kind"], cfg.emulator, cfg.precision, **cfg.encoder_overrides)
     model.load_state_dict(ckpt["model"])
     return model
 
@@ -294,7 +298,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     zoo = open_zoo(cfg.zoo, verify=False)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.encoder, zoo.spec, zoo.kind, cfg.emulator, **cfg.encoder_overrides).to(device)
+    model = build_model(cfg.encoder, zoo.spec, zoo.kind, cfg.emulator, cfg.precision, **cfg.encoder_overrides).to(device)
     optimizers = make_optimizers(model, cfg.lr, cfg.weight_decay)
     step, best, best_step = 0, math.inf, -1
     state = _resume_state(run)
@@ -388,7 +392,7 @@ def _check_run_dir(out: Path, cfg: TrainConfig, zoo, overwrite: bool) -> None:
         except json.JSONDecodeError:
             raise ConfigError(f"{conf} is not valid JSON: re-run with --overwrite to start afresh") from None
         new = {**cfg.identity(), "kind": zoo.kind, "architecture": zoo.spec.to_dict()}
-        old_id = {k: v for k, v in old.items() if k not in _EXECUTION_FIELDS}
+        old_id = {"precision": "fp32", **{k: v for k, v in old.items() if k not in _EXECUTION_FIELDS}}  # runs from before the option
         if old_id != new:
             diff = sorted(k for k in set(old_id) | set(new) if old_id.get(k) != new.get(k))
             raise ConfigError(

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnrep import lstm
-from rnnrep.encoders.common import check_positive
+from rnnrep.encoders.common import check_positive, unit_norm
 from rnnrep.encoders.stepping import SteppedLSTM
 from rnnrep.lstm import LSTMSpec
 
@@ -87,6 +87,11 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
             layers.append(nn.ReLU())
         layers.append(nn.Linear(a, b))
     return nn.Sequential(*layers)
+
+
+def _member_precision(params: Tensor):
+    """Members run in their weights' own precision, also under autocast: they are the data."""
+    return torch.autocast(params.device.type, enabled=False)
 
 
 class ResidualLSTMCore(nn.Module):
@@ -156,7 +161,7 @@ class _Probing(nn.Module):
         return torch.sigmoid(self.read_in(logits.flatten(-2)))
 
     def embed(self, core_out: Tensor) -> Tensor:
-        return F.normalize(self.head(core_out), dim=-1)
+        return unit_norm(self.head(core_out))
 
     def forward(self, params: Tensor) -> Tensor:
         """Flat member parameters `[B, P]` -> embeddings `[B, embedding_size]`."""
@@ -178,7 +183,8 @@ class NonInteractiveProbing(_Probing):
         B = params.shape[0]
         x = self.probes()
         x = x.expand(B, *x.shape)
-        logits, _ = lstm.forward(self.spec, params, x)  # [B, M, L, O]
+        with _member_precision(params):
+            logits, _ = lstm.forward(self.spec, params, x.to(params.dtype))  # [B, M, L, O]
         reads = self.read(logits.transpose(1, 2))  # [B, L, D]
         bos, eos = self.bos.expand(B, 1, -1), self.eos.expand(B, 1, -1)
         out = self.core.sequence(torch.cat([bos, reads, eos], dim=1))
@@ -199,7 +205,8 @@ class InteractiveProbing(_Probing):
         for t in range(self.cfg.probe_length):
             query = out + self.cfg.static_weight * self.codes[t] if self.cfg.static_weight else out
             x = self.decode_probes(query).expand(B, -1, -1)  # [B, M, I]
-            logits = member(x)  # [B, M, O]
+            with _member_precision(params):
+                logits = member(x.to(params.dtype))  # [B, M, O]
             out, state = core(self.read(logits), state)
             probes.append(x)
         out, _ = core(self.eos.expand(B, -1), state)

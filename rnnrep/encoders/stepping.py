@@ -9,16 +9,22 @@ none for a zero state) and one C cell call forward (`rnnrep/cell.py`, which also
 computes the backward's factors while the gates are in cache), one C call and two
 GEMMs backward.
 
-Weight gradients are deferred: each step's backward accumulates its products in
-place into one buffer per weight (a GEMM with beta = 1), and the rollout's first
-step, whose backward autograd runs last because every later step depends on it,
-hands the sums to autograd once.
+Weight gradients are deferred: each step's backward keeps its d(gates) and inputs,
+and the rollout's first step, whose backward autograd runs last because every later
+step depends on it, computes each weight's gradient as one GEMM over all steps' rows
+and hands it to autograd once. (Accumulating one GEMM per step in place instead took
+the encoder's forward + backward 76.3 ms against 77.2 in float32, but 81.7 against
+73.5 in bfloat16, where it also rounds every step's product; medians of 25, in turn.)
+
+Under autocast (`rnnrep train --precision bf16`) the GEMMs run in bfloat16 on copies
+of the weights made once per rollout, while the cell, the state c and the gradients
+handed to autograd stay float32.
 
 For the paper's interactive encoder (core 2 x 256, 24 steps, batch 64, 2 CPU threads)
-this took the encoder's forward + backward from 103 to 96 ms against `torch.lstm_cell`
-(medians of 15, timed in turn in one process); the core now takes 60 ms of that, of
-which its GEMMs alone take 38. Without the C kernel (GPUs, no compiler) the cell runs
-as torch ops inside the same node.
+the stepping node took the encoder's forward + backward from 103 to 96 ms against
+`torch.lstm_cell` (medians of 15, timed in turn in one process); the core then took 60 ms
+of that, of which its GEMMs alone took 38. Without the C kernel (GPUs, no compiler) the
+cell runs as torch ops inside the same node.
 """
 
 from __future__ import annotations
@@ -49,7 +55,11 @@ class SteppedLSTM:
         ]
         self.hidden_size, self.residual = H, residual
         self.steps = 0
-        self.grads: list[Tensor] | None = None  # the deferred weight gradients
+        # per layer, the backward's d(gates), inputs, d(gates) of steps with a state, and those states
+        self.pending: list[tuple[list[Tensor], ...]] | None = None
+        device = self.weights[0].device.type
+        self.low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        self.low_weights: list[Tensor] | None = None
 
     def __call__(self, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
         """One step: input `[B, D]` and the state (None: zeros) -> top output `[B, H]`, new state."""
@@ -93,6 +103,26 @@ def _cell_backward(dh: Tensor, dc: Tensor, dc_dh: Tensor, q: Tensor) -> tuple[Te
     return q * torch.cat([dh, dc, dc, dc], dim=1), dc
 
 
+def _mm_weights(stepper: SteppedLSTM, weights: tuple[Tensor, ...]) -> list[Tensor] | tuple[Tensor, ...]:
+    """The weights the GEMMs use: the float32 ones, or their autocast-dtype copies (made once)."""
+    if stepper.low is None:
+        return weights
+    if stepper.low_weights is None:
+        stepper.low_weights = [w.detach().to(stepper.low) for w in weights]
+    return stepper.low_weights
+
+
+def _weight_grads(pending: list[tuple[list[Tensor], ...]], weights: tuple[Tensor, ...]) -> list[Tensor]:
+    """Each weight's gradient over the whole rollout: one GEMM over all its steps' rows."""
+    grads = []
+    for (d_all, inp_all, d_rec, h_all), w_ih, w_hh, bias in zip(pending, weights[0::3], weights[1::3], weights[2::3]):
+        d = torch.cat(d_all)
+        grads.append((d.t() @ torch.cat(inp_all)).to(w_ih.dtype))
+        grads.append((torch.cat(d_rec).t() @ torch.cat(h_all)).to(w_hh.dtype) if d_rec else torch.zeros_like(w_hh))
+        grads.append(d.sum(0, dtype=bias.dtype))
+    return grads
+
+
 class _Step(torch.autograd.Function):
     """One step of all layers of a `SteppedLSTM` (see the module docstring).
 
@@ -106,18 +136,21 @@ class _Step(torch.autograd.Function):
     def forward(ctx, stepper: SteppedLSTM, first: bool, x: Tensor, *rest: Tensor):
         L, H = len(stepper.weights) // 3, stepper.hidden_size
         state, weights = rest[: len(rest) - 3 * L], rest[len(rest) - 3 * L :]
+        dtype = weights[0].dtype
+        mm_weights = _mm_weights(stepper, weights)
         inp = x
         saved, hs, cs = [], [], []
         for l in range(L):
-            w_ih, w_hh, bias = weights[3 * l : 3 * l + 3]
-            acts = torch.addmm(bias, inp, w_ih.t())
+            w_ih, w_hh, bias = mm_weights[3 * l : 3 * l + 3]
+            a = inp.to(w_ih.dtype)
+            acts = torch.addmm(bias, a, w_ih.t())
             if state:
-                h_prev, c_prev = state[2 * l], state[2 * l + 1].contiguous()
+                h_prev, c_prev = state[2 * l].to(w_hh.dtype), state[2 * l + 1].to(dtype).contiguous()
                 acts.addmm_(h_prev, w_hh.t())
             else:  # zero state: no recurrent term
-                h_prev, c_prev = None, x.new_zeros(x.shape[0], H)
-            h, c, f, q, dc_dh = _cell_forward(acts, c_prev)
-            saved += [inp, h_prev, f, q, dc_dh]
+                h_prev, c_prev = None, x.new_zeros(x.shape[0], H, dtype=dtype)
+            h, c, f, q, dc_dh = _cell_forward(acts.to(dtype), c_prev)
+            saved += [a, h_prev, f, q, dc_dh]
             hs.append(h)
             cs.append(c)
             inp = h + inp if stepper.residual else h
@@ -132,28 +165,31 @@ class _Step(torch.autograd.Function):
         L = len(stepper.weights) // 3
         saved = ctx.saved_tensors
         weights = saved[5 * L :]
+        mm_weights = _mm_weights(stepper, weights)
         need_w = any(ctx.needs_input_grad[-3 * L :])
-        if need_w and stepper.grads is None:
-            stepper.grads = [torch.zeros_like(w) for w in weights]
+        if need_w and stepper.pending is None:
+            stepper.pending = [([], [], [], []) for _ in range(L)]
         d_h, d_c = d_outputs[:L], d_outputs[L : 2 * L]
         d_state: list[Tensor] = []
         d_inp = d_outputs[2 * L] if stepper.residual else None  # d(top output), beyond d_h
         for l in reversed(range(L)):
             inp, h_prev, f, q, dc_dh = saved[5 * l : 5 * l + 5]
-            w_ih, w_hh, _ = weights[3 * l : 3 * l + 3]
+            w_ih, w_hh, _ = mm_weights[3 * l : 3 * l + 3]
             d_acts, dc = _cell_backward(d_h[l] if d_inp is None else d_inp + d_h[l], d_c[l], dc_dh, q)
+            d_mm = d_acts.to(w_ih.dtype)
             if need_w:
-                g_ih, g_hh, g_b = stepper.grads[3 * l : 3 * l + 3]
-                g_ih.addmm_(d_acts.t(), inp)
-                g_b.add_(d_acts.sum(0))
+                d_all, inp_all, d_rec, h_all = stepper.pending[l]
+                d_all.append(d_mm)
+                inp_all.append(inp)
                 if h_prev is not None:
-                    g_hh.addmm_(d_acts.t(), h_prev)
+                    d_rec.append(d_mm)
+                    h_all.append(h_prev)
             if h_prev is not None:
-                d_state[:0] = [d_acts @ w_hh, dc * f]
+                d_state[:0] = [(d_mm @ w_hh).to(dc.dtype), dc * f]
             if l > 0 or ctx.needs_input_grad[2]:
-                d_x = d_acts @ w_ih
+                d_x = (d_mm @ w_ih).to(dc.dtype)
                 d_inp = d_x + d_inp if stepper.residual else d_x
         d_weights: list[Tensor | None] = [None] * (3 * L)
         if need_w and ctx.first:  # autograd runs the first step's backward last
-            d_weights, stepper.grads = stepper.grads, None
+            d_weights, stepper.pending = _weight_grads(stepper.pending, weights), None
         return (None, None, d_inp if ctx.needs_input_grad[2] else None, *d_state, *d_weights)
