@@ -89,6 +89,31 @@ def test_encoders_on_gpu_match_cpu_and_train_alike(name):
     np.testing.assert_allclose(l_gpu, l_cpu, rtol=2e-3)
 
 
+@pytest.mark.parametrize("name", ENCODERS)
+def test_bf16_on_gpu_tracks_float32_on_cpu(name):
+    spec = member_spec("formal-languages")
+    torch.manual_seed(0)
+    overrides = {"dropout": 0.0} if name == "transformer" else {}
+    cpu_model = build_model(name, spec, "formal-languages", **overrides).eval()
+    gpu_model = build_model(name, spec, "formal-languages", None, "bf16", **overrides).cuda().eval()
+    gpu_model.load_state_dict(cpu_model.state_dict())
+    g = torch.Generator().manual_seed(1)
+    batch = EmulationBatch(
+        params=lstm.init_params(spec, [torch.Generator().manual_seed(i) for i in range(4)]),
+        inputs=F.one_hot(torch.randint(0, 6, (4, 41), generator=g), 6).float(),
+        targets=torch.randn(4, 41, 6, generator=g),
+    )
+    grads = []
+    for model, device in ((cpu_model, "cpu"), (gpu_model, "cuda")):
+        loss = model.loss(batch.to(device))
+        assert loss.dtype == torch.float32
+        loss.backward()
+        grads.append((loss.detach().cpu(), torch.cat([p.grad.flatten().cpu() for p in model.parameters() if p.grad is not None])))
+    (l_cpu, g_cpu), (l_gpu, g_gpu) = grads
+    torch.testing.assert_close(l_gpu, l_cpu, rtol=2e-2, atol=0)
+    assert torch.cosine_similarity(g_gpu, g_cpu, dim=0) > 0.99
+
+
 def test_cli_builds_on_gpu_and_trains_there(ray_local, tmp_path):
     """A tiny zoo built by GPU actors holds what nn.LSTM on the CPU computes; training on a GPU worker runs."""
     if ray_local.cluster_resources().get("GPU", 0) < 1:

@@ -59,7 +59,7 @@ def test_bf16_step_tracks_float32(name: str) -> None:
     torch.testing.assert_close(z, fp32.encode(batch.params), atol=0.05, rtol=0)
 
 
-def test_probed_members_run_in_float32_under_autocast(monkeypatch) -> None:
+def test_probes_and_members_run_in_float32_under_autocast(monkeypatch) -> None:
     seen = []
     step = lstm.Prober.__call__
 
@@ -71,6 +71,10 @@ def test_probed_members_run_in_float32_under_autocast(monkeypatch) -> None:
     model = build_model("interactive", FL, "formal-languages", {"hidden_size": 32}, "bf16", **SMALL["interactive"])
     model.loss(_batch(4)).backward()
     assert seen == [(torch.float32, False)] * SMALL["interactive"]["probe_length"]
+    with autocast("bf16", "cpu"):
+        for encoder in (model.encoder, build_model("noninteractive", FL, "formal-languages", **SMALL["noninteractive"]).encoder):
+            _, probes = encoder.rollout(_batch(2).params)
+            assert probes.dtype == torch.float32
 
 
 @pytest.mark.parametrize("residual", [True, False])

@@ -37,6 +37,18 @@ def unit_norm(z: Tensor) -> Tensor:
     return nn.functional.normalize(z.to(torch.promote_types(z.dtype, torch.float32)), dim=-1)
 
 
+def no_autocast(t: Tensor) -> torch.autocast:
+    """Autocast off on `t`'s device: for what stays float32 under `--precision bf16`.
+
+    Only where bfloat16 does not pay (2 CPU threads, each pair timed in turn, medians):
+    the probing encoders' members (they are the data) and their per-step probe decoder
+    and read-in, whose matmuls are tiny (interactive encoder forward + backward 69.5 ms,
+    78.1 with autocast on there, 80.4 all float32); and the DWS encoder, whose layers
+    are memory-bound sums and broadcasts (140 ms, 181 with autocast, 138 all float32).
+    """
+    return torch.autocast(t.device.type, enabled=False)
+
+
 AUGMENT = ("batch", "member", "none")
 
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rnnrep.encoders.common import mlp, unit_norm, weight_bias_pairs
+from rnnrep.encoders.common import mlp, no_autocast, unit_norm, weight_bias_pairs
 from rnnrep.lstm import LSTMSpec, unflatten
 
 Features = dict[str, Tensor]  # tensor name -> [B, rows, cols, C] (weights) or [B, rows, C] (biases)
@@ -250,10 +250,11 @@ class DWSEncoder(nn.Module):
         self.head = mlp((len(spec.tensors) * channels[-1], *cfg.mlp_hidden, cfg.embedding_size))
 
     def forward(self, params: Tensor) -> Tensor:
-        feats = to_features(self.spec, params)
-        last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            if i > 0:
-                feats = {k: torch.relu_(v) for k, v in feats.items()}  # layer outputs are fresh tensors
-            feats = layer(feats, pooled=i == last)
-        return unit_norm(self.head(torch.cat([feats[t.name] for t in self.spec.tensors], dim=-1)))
+        with no_autocast(params):  # float32 under --precision bf16 too (see no_autocast)
+            feats = to_features(self.spec, params)
+            last = len(self.layers) - 1
+            for i, layer in enumerate(self.layers):
+                if i > 0:
+                    feats = {k: torch.relu_(v) for k, v in feats.items()}  # layer outputs are fresh tensors
+                feats = layer(feats, pooled=i == last)
+            return unit_norm(self.head(torch.cat([feats[t.name] for t in self.spec.tensors], dim=-1)))

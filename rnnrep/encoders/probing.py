@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnrep import lstm
-from rnnrep.encoders.common import check_positive, unit_norm
+from rnnrep.encoders.common import check_positive, no_autocast, unit_norm
 from rnnrep.encoders.stepping import SteppedLSTM
 from rnnrep.lstm import LSTMSpec
 
@@ -87,11 +87,6 @@ def _mlp(sizes: list[int]) -> nn.Sequential:
             layers.append(nn.ReLU())
         layers.append(nn.Linear(a, b))
     return nn.Sequential(*layers)
-
-
-def _member_precision(params: Tensor):
-    """Members run in their weights' own precision, also under autocast: they are the data."""
-    return torch.autocast(params.device.type, enabled=False)
 
 
 class ResidualLSTMCore(nn.Module):
@@ -152,13 +147,15 @@ class _Probing(nn.Module):
 
     def decode_probes(self, query: Tensor) -> Tensor:
         """Queries `[..., D]` -> M member inputs `[..., M, I]` (token distributions or tiles)."""
-        codes = F.relu(self.query_up(query)).unflatten(-1, (self.cfg.num_probes, self.cfg.mlp_hidden))
-        out = self.probe_decoder(codes)
-        return out.softmax(-1) if self.kind == "formal-languages" else out.sigmoid()
+        with no_autocast(query):
+            codes = F.relu(self.query_up(query)).unflatten(-1, (self.cfg.num_probes, self.cfg.mlp_hidden))
+            out = self.probe_decoder(codes)
+            return out.softmax(-1) if self.kind == "formal-languages" else out.sigmoid()
 
     def read(self, logits: Tensor) -> Tensor:
         """Member logits `[..., M, O]` -> a core input `[..., D]`."""
-        return torch.sigmoid(self.read_in(logits.flatten(-2)))
+        with no_autocast(logits):
+            return torch.sigmoid(self.read_in(logits.flatten(-2)))
 
     def embed(self, core_out: Tensor) -> Tensor:
         return unit_norm(self.head(core_out))
@@ -183,7 +180,7 @@ class NonInteractiveProbing(_Probing):
         B = params.shape[0]
         x = self.probes()
         x = x.expand(B, *x.shape)
-        with _member_precision(params):
+        with no_autocast(params):
             logits, _ = lstm.forward(self.spec, params, x.to(params.dtype))  # [B, M, L, O]
         reads = self.read(logits.transpose(1, 2))  # [B, L, D]
         bos, eos = self.bos.expand(B, 1, -1), self.eos.expand(B, 1, -1)
@@ -205,7 +202,7 @@ class InteractiveProbing(_Probing):
         for t in range(self.cfg.probe_length):
             query = out + self.cfg.static_weight * self.codes[t] if self.cfg.static_weight else out
             x = self.decode_probes(query).expand(B, -1, -1)  # [B, M, I]
-            with _member_precision(params):
+            with no_autocast(params):
                 logits = member(x.to(params.dtype))  # [B, M, O]
             out, state = core(self.read(logits), state)
             probes.append(x)
