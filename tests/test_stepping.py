@@ -76,3 +76,16 @@ def test_a_second_backward_through_the_same_rollout_gets_the_same_gradients():
     second = torch.autograd.grad(loss, list(layers.parameters()))
     for a, b in zip(first, second):
         torch.testing.assert_close(a, b)
+
+
+def test_frozen_weights_still_pass_the_input_gradient():
+    torch.manual_seed(2)
+    layers = nn.ModuleList(nn.LSTM(4, 4) for _ in range(2)).double().requires_grad_(False)
+    x_steps = [torch.randn(3, 4, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    grads = []
+    for run in (_reference, _stepped):
+        outs, _ = run(layers, True, x_steps, None)
+        grads.append(torch.autograd.grad(torch.stack(outs).pow(2).sum(), x_steps))
+    for g, g_ref in zip(*grads):
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=1e-12)
+    assert all(p.grad is None for p in layers.parameters())

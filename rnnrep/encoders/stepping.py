@@ -9,12 +9,14 @@ none for a zero state) and one C cell call forward (`rnnrep/cell.py`, which also
 computes the backward's factors while the gates are in cache), one C call and two
 GEMMs backward.
 
-Weight gradients are deferred: each step's backward keeps its d(gates) and inputs,
+Weight gradients are deferred: each step's backward writes its d(gates), inputs and
+states into the rollout's row buffers (the cell kernel writes d(gates) there directly),
 and the rollout's first step, whose backward autograd runs last because every later
-step depends on it, computes each weight's gradient as one GEMM over all steps' rows
-and hands it to autograd once. (Accumulating one GEMM per step in place instead took
-the encoder's forward + backward 76.3 ms against 77.2 in float32, but 81.7 against
-73.5 in bfloat16, where it also rounds every step's product; medians of 25, in turn.)
+step depends on it, computes each weight's gradient as one GEMM over all rows and
+hands it to autograd once. Accumulating one GEMM per step in place instead took the
+encoder's forward + backward 81.2 ms against 81.7 in float32, but 82.3 against 72.3 in
+bfloat16, where it also rounds every step's product; gathering the rows with
+`torch.cat` at the end took 82.8 and 73.8 (medians of 15, all timed in turn).
 
 Under autocast (`rnnrep train --precision bf16`) the GEMMs run in bfloat16 on copies
 of the weights made once per rollout, while the cell, the state c and the gradients
@@ -54,9 +56,9 @@ class SteppedLSTM:
             for t in (layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0 + layer.bias_hh_l0)
         ]
         self.hidden_size, self.residual = H, residual
-        self.steps = 0
-        # per layer, the backward's d(gates), inputs, d(gates) of steps with a state, and those states
-        self.pending: list[tuple[list[Tensor], ...]] | None = None
+        self.steps = self.rows = 0  # steps taken, rows fed (over all steps)
+        # per layer, over all rows: the backward's d(gates), the inputs and the states h
+        self.buffers: list[tuple[Tensor, Tensor, Tensor]] | None = None
         device = self.weights[0].device.type
         self.low = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         self.low_weights: list[Tensor] | None = None
@@ -90,17 +92,16 @@ def _cell_forward(acts: Tensor, c_prev: Tensor) -> tuple[Tensor, Tensor, Tensor,
     return o * tanh_c, c, f, q, o * (1 - tanh_c * tanh_c)
 
 
-def _cell_backward(dh: Tensor, dc: Tensor, dc_dh: Tensor, q: Tensor) -> tuple[Tensor, Tensor]:
-    """d(loss)/d(h, c) of a step -> d(gates) `[B, 4H]` and the total dc (before the forget gate)."""
+def _cell_backward(dh: Tensor, dc: Tensor, dc_dh: Tensor, q: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """d(loss)/d(h, c) of a step -> d(gates) `[B, 4H]` (written to `out`, contiguous) and the total dc."""
     B, G = q.shape
     kernel = cell.kernels(q)
     if kernel is not None:
         dh, dc = dh.contiguous(), dc.clone(memory_format=torch.contiguous_format)
-        d_acts = q.new_empty(B, G)
-        kernel[1](B, G // 4, dh.data_ptr(), dc.data_ptr(), None, dc_dh.data_ptr(), q.data_ptr(), d_acts.data_ptr())
-        return d_acts, dc
+        kernel[1](B, G // 4, dh.data_ptr(), dc.data_ptr(), None, dc_dh.data_ptr(), q.data_ptr(), out.data_ptr())
+        return out, dc
     dc = dc + dh * dc_dh
-    return q * torch.cat([dh, dc, dc, dc], dim=1), dc
+    return torch.mul(q, torch.cat([dh, dc, dc, dc], dim=1), out=out), dc
 
 
 def _mm_weights(stepper: SteppedLSTM, weights: tuple[Tensor, ...]) -> list[Tensor] | tuple[Tensor, ...]:
@@ -112,14 +113,18 @@ def _mm_weights(stepper: SteppedLSTM, weights: tuple[Tensor, ...]) -> list[Tenso
     return stepper.low_weights
 
 
-def _weight_grads(pending: list[tuple[list[Tensor], ...]], weights: tuple[Tensor, ...]) -> list[Tensor]:
+def _grad_buffers(stepper: SteppedLSTM, mm_weights) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Per layer, `[rows, 4H]`, `[rows, D]`, `[rows, H]` in the GEMMs' dtype, filled step by step."""
+    R = stepper.rows
+    return [(w_ih.new_empty(R, w_ih.shape[0]), w_ih.new_empty(R, w_ih.shape[1]), w_hh.new_empty(R, w_hh.shape[1]))
+            for w_ih, w_hh in zip(mm_weights[0::3], mm_weights[1::3])]
+
+
+def _weight_grads(buffers: list[tuple[Tensor, Tensor, Tensor]], weights: tuple[Tensor, ...]) -> list[Tensor]:
     """Each weight's gradient over the whole rollout: one GEMM over all its steps' rows."""
     grads = []
-    for (d_all, inp_all, d_rec, h_all), w_ih, w_hh, bias in zip(pending, weights[0::3], weights[1::3], weights[2::3]):
-        d = torch.cat(d_all)
-        grads.append((d.t() @ torch.cat(inp_all)).to(w_ih.dtype))
-        grads.append((torch.cat(d_rec).t() @ torch.cat(h_all)).to(w_hh.dtype) if d_rec else torch.zeros_like(w_hh))
-        grads.append(d.sum(0, dtype=bias.dtype))
+    for (d, x, h), w_ih, w_hh, bias in zip(buffers, weights[0::3], weights[1::3], weights[2::3]):
+        grads += [(d.t() @ x).to(w_ih.dtype), (d.t() @ h).to(w_hh.dtype), d.sum(0, dtype=bias.dtype)]
     return grads
 
 
@@ -155,7 +160,8 @@ class _Step(torch.autograd.Function):
             cs.append(c)
             inp = h + inp if stepper.residual else h
         ctx.save_for_backward(*saved, *weights)
-        ctx.stepper, ctx.first = stepper, first
+        ctx.stepper, ctx.first, ctx.rows = stepper, first, slice(stepper.rows, stepper.rows + x.shape[0])
+        stepper.rows += x.shape[0]
         return (*hs, *cs, inp) if stepper.residual else (*hs, *cs)
 
     @staticmethod
@@ -167,23 +173,28 @@ class _Step(torch.autograd.Function):
         weights = saved[5 * L :]
         mm_weights = _mm_weights(stepper, weights)
         need_w = any(ctx.needs_input_grad[-3 * L :])
-        if need_w and stepper.pending is None:
-            stepper.pending = [([], [], [], []) for _ in range(L)]
+        if need_w and stepper.buffers is None:
+            stepper.buffers = _grad_buffers(stepper, mm_weights)
+        rows = ctx.rows
         d_h, d_c = d_outputs[:L], d_outputs[L : 2 * L]
         d_state: list[Tensor] = []
         d_inp = d_outputs[2 * L] if stepper.residual else None  # d(top output), beyond d_h
         for l in reversed(range(L)):
             inp, h_prev, f, q, dc_dh = saved[5 * l : 5 * l + 5]
             w_ih, w_hh, _ = mm_weights[3 * l : 3 * l + 3]
-            d_acts, dc = _cell_backward(d_h[l] if d_inp is None else d_inp + d_h[l], d_c[l], dc_dh, q)
-            d_mm = d_acts.to(w_ih.dtype)
-            if need_w:
-                d_all, inp_all, d_rec, h_all = stepper.pending[l]
-                d_all.append(d_mm)
-                inp_all.append(inp)
-                if h_prev is not None:
-                    d_rec.append(d_mm)
-                    h_all.append(h_prev)
+            d_buf = stepper.buffers[l][0][rows] if need_w else None
+            out = d_buf if d_buf is not None and d_buf.dtype == q.dtype else torch.empty_like(q)
+            d_acts, dc = _cell_backward(d_h[l] if d_inp is None else d_inp + d_h[l], d_c[l], dc_dh, q, out)
+            if need_w:  # this step's rows of the rollout's weight-gradient GEMMs
+                _, x_buf, h_buf = stepper.buffers[l]
+                if d_buf is not d_acts:
+                    d_buf.copy_(d_acts)
+                x_buf[rows] = inp
+                if h_prev is None:
+                    h_buf[rows] = 0
+                else:
+                    h_buf[rows] = h_prev
+            d_mm = d_acts.to(w_ih.dtype) if d_buf is None else d_buf
             if h_prev is not None:
                 d_state[:0] = [(d_mm @ w_hh).to(dc.dtype), dc * f]
             if l > 0 or ctx.needs_input_grad[2]:
@@ -191,5 +202,5 @@ class _Step(torch.autograd.Function):
                 d_inp = d_x + d_inp if stepper.residual else d_x
         d_weights: list[Tensor | None] = [None] * (3 * L)
         if need_w and ctx.first:  # autograd runs the first step's backward last
-            d_weights, stepper.pending = _weight_grads(stepper.pending, weights), None
+            d_weights, stepper.buffers = _weight_grads(stepper.buffers, weights), None
         return (None, None, d_inp if ctx.needs_input_grad[2] else None, *d_state, *d_weights)
