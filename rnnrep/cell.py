@@ -95,11 +95,13 @@ def library() -> ctypes.CDLL | None:
     for suffix in ("f32", "f64"):
         getattr(lib, f"cell_forward_{suffix}").argtypes = [_I, _I, _P, _P, _P, _P, _I, _P, _P, _P]
         getattr(lib, f"cell_backward_{suffix}").argtypes = [_I, _I, _P, _P, _P, _P, _P, _P]
-    lib.dropout_f32.argtypes = [_I, _P, _P, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float]
+    for name in _DROPOUT.values():
+        getattr(lib, name).argtypes = [_I, _P, _P, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float]
     return lib
 
 
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+_DROPOUT = {torch.float32: "dropout_f32", torch.bfloat16: "dropout_bf16"}
 _torch_ops_depth = 0  # > 0 inside `torch_ops()`
 
 
@@ -129,8 +131,8 @@ def kernels(t: Tensor):
 
 
 def dropout_kernel(t: Tensor):
-    """The C dropout function for `t` (CPU float32 only), or None where it does not apply."""
-    if _torch_ops_depth or t.device.type != "cpu" or t.dtype != torch.float32:
+    """The C dropout function for `t` (CPU float32 or bfloat16), or None where it does not apply."""
+    if _torch_ops_depth or t.device.type != "cpu" or t.dtype not in _DROPOUT:
         return None
     lib = library()
-    return None if lib is None else lib.dropout_f32
+    return None if lib is None else getattr(lib, _DROPOUT[t.dtype])

@@ -7,7 +7,8 @@ one element at a time; the parameter transformer's 18 dropouts over up to
 (`_dropout.c`) hashes (seed, index) instead: it vectorises, and the backward
 recomputes the mask from the seed rather than storing it. The seed is drawn from
 torch's default generator, so `torch.manual_seed` still makes a run repeatable.
-Elsewhere (GPUs, float64, no compiler, `RNNREP_CELL_KERNEL=0`) this is `F.dropout`.
+On the CPU it handles float32 and bfloat16 (`--precision bf16`). Elsewhere (GPUs,
+float64, no compiler, `RNNREP_CELL_KERNEL=0`) this is `F.dropout`.
 """
 
 from __future__ import annotations

@@ -91,3 +91,23 @@ def test_rejects_a_probability_outside_0_1():
         Dropout(1.5)
     with pytest.raises(ValueError):
         dropout(torch.ones(3), -0.1, training=True)
+
+
+@requires_kernel
+def test_bfloat16_has_the_float32_mask_and_rounds_once():
+    x = torch.randn(300_000)
+    torch.manual_seed(6)
+    y32 = dropout(x, 0.3, True)
+    torch.manual_seed(6)
+    y16 = dropout(x.bfloat16(), 0.3, True)
+    assert y16.dtype == torch.bfloat16
+    assert torch.equal(y16 != 0, y32 != 0)
+    # survivors: bfloat16(x) * scale computed in float32, rounded to nearest even like torch does
+    assert torch.equal(y16, (x.bfloat16().float() * (1 / 0.7)).bfloat16() * (y32 != 0))
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 3e38], dtype=torch.bfloat16)
+    torch.manual_seed(7)
+    got = dropout(special.repeat(1000), 0.5, True).view(1000, 4)
+    nan = got[:, 0]
+    assert (nan.isnan() | (nan == 0)).all() and nan.isnan().any() and (nan == 0).any()  # NaN stays NaN
+    assert (got[:, 1][got[:, 1] != 0] == float("inf")).all() and (got[:, 2][got[:, 2] != 0] == -float("inf")).all()
+    assert (got[:, 3][got[:, 3] != 0] == float("inf")).all()  # 3e38 * 2 overflows, as in torch
