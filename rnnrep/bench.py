@@ -234,11 +234,11 @@ def bench_train(
     from rnnrep.emulation.emulator import Emulator, EmulatorConfig
     from rnnrep.emulation.losses import emulation_loss
     from rnnrep.emulation.step import (
-        PRECISIONS,
         EmulationBatch,
         adamw,
         autocast,
         build_model,
+        check_precision,
         make_optimizers,
         train_step,
     )
@@ -249,8 +249,7 @@ def bench_train(
         raise ConfigError(f"unknown encoder(s) {unknown}: choose from {', '.join(ENCODERS)}")
     if batch < 1 or min_steps < 1:
         raise ConfigError("--batch and --min-steps must be at least 1")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    check_precision(precision)
     _check_device(device)
     keep_freed_memory()  # as training workers do
     spec = member_spec(task)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rnnrep.config import ConfigError
 from rnnrep.emulation.emulator import Emulator, EmulatorConfig, token_inputs
 from rnnrep.emulation.losses import emulation_loss
 from rnnrep.lstm import LSTMSpec
@@ -41,7 +42,7 @@ PRECISIONS = ("fp32", "bf16")
 
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        raise ConfigError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
 
 
 def autocast(precision: str, device_type: str) -> torch.autocast:

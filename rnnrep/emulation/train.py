@@ -47,7 +47,7 @@ import torch
 
 from rnnrep.config import PRESETS, ConfigError, check_preset
 from rnnrep.emulation.losses import LOSSES
-from rnnrep.emulation.step import PRECISIONS
+from rnnrep.emulation.step import check_precision
 from rnnrep.lstm import LSTMSpec
 from rnnrep.zoo.store import atomic_write_bytes
 
@@ -96,8 +96,7 @@ class TrainConfig:
             raise ConfigError(f"gpus-per-worker must be >= 0, got {self.gpus_per_worker}")
         if self.loss not in LOSSES:
             raise ConfigError(f"unknown loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        check_precision(self.precision)
         encoder_config(self.encoder, "formal-languages", **self.encoder_overrides)  # name and settings
         bad = sorted(set(self.emulator) - {f.name for f in dataclasses.fields(EmulatorConfig)})
         if bad:
