@@ -33,7 +33,7 @@ def train_cmd(
     preset: Annotated[str, typer.Option("--preset", help=f"Scale: {', '.join(PRESETS)}.")] = "small",
     steps: Annotated[Optional[int], typer.Option(help="Training steps (more steps on a finished run continue it).")] = None,
     loss: Annotated[Optional[str], typer.Option(help="Emulation loss: total_variation, kl, kl_reverse, js_div, ce.")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="fp32 (the paper's), or bf16: the encoder's and emulator's matmuls in bfloat16 (autocast; weights, members and losses stay float32).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="fp32 (the default, the paper's), or bf16: the encoder's and emulator's matmuls in bfloat16 (autocast; weights, members and losses stay float32).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Data-parallel Ray Train workers.")] = None,
     gpus_per_worker: Annotated[Optional[float], typer.Option(help="GPUs per worker (CPU if the cluster has none).")] = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: a local Ray).")] = None,
