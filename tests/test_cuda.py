@@ -63,6 +63,16 @@ def test_members_trained_on_gpu_match_cpu(task):
             np.testing.assert_allclose(b.metrics[name], a.metrics[name], atol=0.05, err_msg=name)
 
 
+def _fl_batch(spec) -> EmulationBatch:
+    """Four members' weights, random token inputs and random target logits (CPU)."""
+    g = torch.Generator().manual_seed(1)
+    return EmulationBatch(
+        params=lstm.init_params(spec, [torch.Generator().manual_seed(i) for i in range(4)]),
+        inputs=F.one_hot(torch.randint(0, 6, (4, 41), generator=g), 6).float(),
+        targets=torch.randn(4, 41, 6, generator=g),
+    )
+
+
 @pytest.mark.parametrize("name", ENCODERS)
 def test_encoders_on_gpu_match_cpu_and_train_alike(name):
     spec = member_spec("formal-languages")
@@ -70,12 +80,7 @@ def test_encoders_on_gpu_match_cpu_and_train_alike(name):
     # dropout draws from each device's own generator; everything else must agree
     cpu_model = build_model(name, spec, "formal-languages", **({"dropout": 0.0} if name == "transformer" else {}))
     gpu_model = copy.deepcopy(cpu_model).cuda()
-    g = torch.Generator().manual_seed(1)
-    batch = EmulationBatch(
-        params=lstm.init_params(spec, [torch.Generator().manual_seed(i) for i in range(4)]),
-        inputs=F.one_hot(torch.randint(0, 6, (4, 41), generator=g), 6).float(),
-        targets=torch.randn(4, 41, 6, generator=g),
-    )
+    batch = _fl_batch(spec)
     losses = []
     for model, device in ((cpu_model, "cpu"), (gpu_model, "cuda")):
         model.eval()
@@ -97,12 +102,7 @@ def test_bf16_on_gpu_tracks_float32_on_cpu(name):
     cpu_model = build_model(name, spec, "formal-languages", **overrides).eval()
     gpu_model = build_model(name, spec, "formal-languages", None, "bf16", **overrides).cuda().eval()
     gpu_model.load_state_dict(cpu_model.state_dict())
-    g = torch.Generator().manual_seed(1)
-    batch = EmulationBatch(
-        params=lstm.init_params(spec, [torch.Generator().manual_seed(i) for i in range(4)]),
-        inputs=F.one_hot(torch.randint(0, 6, (4, 41), generator=g), 6).float(),
-        targets=torch.randn(4, 41, 6, generator=g),
-    )
+    batch = _fl_batch(spec)
     grads = []
     for model, device in ((cpu_model, "cpu"), (gpu_model, "cuda")):
         loss = model.loss(batch.to(device))
