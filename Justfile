@@ -20,4 +20,5 @@ bench-gpu:
     rnnrep bench lstm --device cuda --members 1024
     rnnrep bench zoo --device cuda
     rnnrep bench train --device cuda
+    rnnrep bench train --device cuda --precision bf16
     python -m pytest tests/test_cuda.py
