@@ -181,7 +181,7 @@ class NonInteractiveProbing(_Probing):
         x = self.probes()
         x = x.expand(B, *x.shape)
         with no_autocast(params):
-            logits, _ = lstm.forward(self.spec, params, x.to(params.dtype))  # [B, M, L, O]
+            logits, _ = lstm.forward(self.spec, params, x)  # [B, M, L, O]
         reads = self.read(logits.transpose(1, 2))  # [B, L, D]
         bos, eos = self.bos.expand(B, 1, -1), self.eos.expand(B, 1, -1)
         out = self.core.sequence(torch.cat([bos, reads, eos], dim=1))
@@ -203,7 +203,7 @@ class InteractiveProbing(_Probing):
             query = out + self.cfg.static_weight * self.codes[t] if self.cfg.static_weight else out
             x = self.decode_probes(query).expand(B, -1, -1)  # [B, M, I]
             with no_autocast(params):
-                logits = member(x.to(params.dtype))  # [B, M, O]
+                logits = member(x)  # [B, M, O]
             out, state = core(self.read(logits), state)
             probes.append(x)
         out, _ = core(self.eos.expand(B, -1), state)

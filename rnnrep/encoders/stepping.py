@@ -150,7 +150,7 @@ class _Step(torch.autograd.Function):
             a = inp.to(w_ih.dtype)
             acts = torch.addmm(bias, a, w_ih.t())
             if state:
-                h_prev, c_prev = state[2 * l].to(w_hh.dtype), state[2 * l + 1].to(dtype).contiguous()
+                h_prev, c_prev = state[2 * l].to(w_hh.dtype), state[2 * l + 1].contiguous()
                 acts.addmm_(h_prev, w_hh.t())
             else:  # zero state: no recurrent term
                 h_prev, c_prev = None, x.new_zeros(x.shape[0], H, dtype=dtype)
