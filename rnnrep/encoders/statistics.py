@@ -8,7 +8,6 @@ by construction (and blind to everything that only the arrangement of weights sa
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -46,17 +45,18 @@ class StatisticsEncoder(nn.Module):
         # a buffer, so that `.to(dtype)` keeps it in the input's dtype (torch.quantile needs that)
         self.register_buffer("quantiles", torch.tensor(cfg.quantiles), persistent=False)
         num_features = len(spec.tensors) * (2 + len(cfg.quantiles))
-        self._cache: dict[tuple[bytes, str], Tensor] = {}
+        self._cache: dict[tuple[int, str], Tensor] = {}
         self.head = mlp((num_features, *cfg.hidden, cfg.embedding_size))
 
     def features(self, params: Tensor) -> Tensor:
         """`[B, num_tensors * (2 + num_quantiles)]`, memoised per row (see the config)."""
         if not self.cfg.cache_features or params.requires_grad:
             return self.compute_features(params)
-        rows = params.detach().cpu().contiguous()
-        keys = [
-            (hashlib.sha1(r.numpy()).digest(), str(r.dtype)) for r in rows  # identity, not security
-        ]
+        rows = params.detach().cpu().contiguous().numpy()
+        # Python's hash of bytes: SipHash-1-3 under a per-process random key, 64 bits. With
+        # at most MAX_CACHED rows held, a lookup meets a colliding row with probability
+        # < 1e-13; sha1 did the same at twice the cost (1.65 vs 0.83 ms per 64 members).
+        keys = [(hash(r.tobytes()), str(r.dtype)) for r in rows]
         missing = [i for i, k in enumerate(keys) if k not in self._cache]
         if missing:
             if len(self._cache) + len(missing) > self.MAX_CACHED:
