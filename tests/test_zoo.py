@@ -241,6 +241,24 @@ def test_streams_as_ray_dataset_and_by_split(cli_zoo):
     assert n == (meta["split"] == split).sum()
 
 
+def test_each_row_group_holds_one_split_in_table_order(zoo3):
+    """A split's reader decodes only its own rows; rows keep their order within a split."""
+    zoo = open_zoo(zoo3)  # written by write_part from parts whose members alternate splits
+    groups = 0
+    for f in zoo.files:
+        pf = pq.ParquetFile(f)
+        groups += pf.metadata.num_row_groups
+        seen = []
+        for rg in range(pf.metadata.num_row_groups):
+            t = pf.read_row_group(rg, columns=["split", "member_id", "snapshot"])
+            assert len(set(t.column("split").to_pylist())) == 1
+            seen.append(t.column("split")[0].as_py())
+            keys = list(zip(t.column("member_id").to_pylist(), t.column("snapshot").to_pylist()))
+            assert keys == sorted(keys)
+        assert len(seen) == len(set(seen))  # each split's rows in one row group here (< 256 rows)
+    assert groups > len(zoo.files)  # some part held members of two splits
+
+
 def test_gpu_request_without_gpus_falls_back_to_cpu(ray_local, tmp_path):
     r = build_cli(tmp_path / "z", "--members", "3", "--gpus-per-actor", "0.25")
     assert r.exit_code == 0, r.output
