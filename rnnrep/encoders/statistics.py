@@ -56,7 +56,8 @@ class StatisticsEncoder(nn.Module):
         # Python's hash of bytes: SipHash-1-3 under a per-process random key, 64 bits. With
         # at most MAX_CACHED rows held, a lookup meets a colliding row with probability
         # < 1e-13; sha1 did the same at twice the cost (1.65 vs 0.83 ms per 64 members).
-        keys = [(hash(r.tobytes()), str(r.dtype)) for r in rows]
+        dtype = str(rows.dtype)
+        keys = [(hash(r.tobytes()), dtype) for r in rows]
         missing = [i for i, k in enumerate(keys) if k not in self._cache]
         if missing:
             if len(self._cache) + len(missing) > self.MAX_CACHED:

@@ -92,11 +92,9 @@ def write_part(root: Path, name: str, table: pa.Table) -> dict[str, Any]:
 
 def _by_split(table: pa.Table) -> list[pa.Table]:
     """`table`'s rows split by their `split` value (first-seen order), each in table order."""
-    if "split" not in table.column_names or len(table) == 0:
-        return [table]
     splits = table.column("split").to_numpy(zero_copy_only=False)
     names = list(dict.fromkeys(splits.tolist()))
-    if len(names) == 1:
+    if len(names) <= 1:  # one split (or none): no copy
         return [table]
     return [table.take(pa.array(np.flatnonzero(splits == n))) for n in names]
 
