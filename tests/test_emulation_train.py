@@ -40,6 +40,24 @@ def _rows(out):
     return [{k: v for k, v in r.items() if k not in ("steps_per_s", "peak_rss_mb")} for r in rows]
 
 
+def _assert_same_run(a, b):
+    """Metrics of runs `a` and `b` equal, and their last checkpoints' weights equal bit for bit.
+
+    Except the train loss, within 1e-6: it averages the losses of the steps' forward
+    passes, and in about one full suite in ten one of those came out a few float32 ulps
+    apart in one of two identical runs (0.3288922 vs 0.3288924 at step 3) while every
+    evaluation loss and later train loss matched to the bit. Not reproduced in 23
+    standalone runs nor 3 suites; thread count, input alignment and the C cell kernel
+    do not change it.
+    """
+    ra, rb = _rows(a), _rows(b)
+    assert [r["train_loss"] for r in ra] == pytest.approx([r["train_loss"] for r in rb], rel=1e-6, abs=0)
+    assert [{**r, "train_loss": None} for r in ra] == [{**r, "train_loss": None} for r in rb]
+    wa = torch.load(a / "checkpoints/last.pt", weights_only=True)["model"]
+    wb = torch.load(b / "checkpoints/last.pt", weights_only=True)["model"]
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 # ---------------------------------------------------------------- step API (no Ray)
 
 
@@ -168,7 +186,7 @@ def test_train_resume_embed_and_errors(zoo3, tmp_path):
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, _train_args(zoo_path, unbroken, 9))
     assert r.exit_code == 0, r.output
-    assert _rows(run) == _rows(unbroken)
+    _assert_same_run(run, unbroken)
     assert torch.load(run / "checkpoints/last.pt", weights_only=True)["step"] == 9
 
     # embed: one unit-norm row per snapshot
@@ -270,4 +288,4 @@ def test_killed_training_resumes_to_the_unbroken_result(zoo3, tmp_path):
     assert len(_rows(killed)) < len(_rows(unbroken)), "the kill should land mid-run"
     r = subprocess.run(args(killed), env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert _rows(killed) == _rows(unbroken)
+    _assert_same_run(killed, unbroken)
