@@ -1,5 +1,6 @@
 """rnnrep's C kernels, compiled for this machine on first use: the fused LSTM cell
-(`_cell.c`) and dropout (`_dropout.c`, used by `rnnrep.dropout`).
+(`_cell.c`), dropout (`_dropout.c`, used by `rnnrep.dropout`) and the DWS encoder's
+fused activation (`_relu_sums.c`, used by `rnnrep.encoders.dws`).
 
 At a member's size the per-step elementwise work, not the matmul, is most of a
 training step, and it is a dozen small ATen ops. One C call per step does it in a
@@ -35,8 +36,13 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("_cell.c", "_dropout.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("_cell.c", "_dropout.c", "_relu_sums.c")]
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fPIC", "-shared"]
+# The DWS kernel's threads. Linked by soname, libgomp resolves to the copy torch has
+# loaded, so the kernel shares torch's thread pool: its own threads beside torch's
+# spinning ones made the DWS step slower on 2 cores. A compiler without OpenMP gets
+# the same kernels, single-threaded.
+OPENMP = "-fopenmp"
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
 
@@ -54,9 +60,9 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _compile(compiler: str) -> Path:
+def _compile(compiler: str, flags: list[str]) -> Path:
     src = b"".join(s.read_bytes() for s in SOURCES)
-    key = hashlib.sha256(src + " ".join([compiler, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + " ".join([compiler, *flags]).encode() + _cpu_id().encode()).hexdigest()[:16]
     target = _cache_dir() / f"cell-{key}.so"
     if target.exists():
         return target
@@ -64,7 +70,7 @@ def _compile(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *flags, "-o", tmp, *map(str, SOURCES), "-lm"], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -87,7 +93,11 @@ def library() -> ctypes.CDLL | None:
         log.warning("no C compiler found: the LSTM cell and dropout run as torch ops (slower)")
         return None
     try:
-        lib = ctypes.CDLL(str(_compile(compiler)))
+        try:
+            path = _compile(compiler, [*FLAGS, OPENMP])
+        except subprocess.CalledProcessError:
+            path = _compile(compiler, FLAGS)
+        lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as err:
         detail = getattr(err, "stderr", "") or err
         log.warning("compiling the C kernels failed, using torch ops: %s", detail)
@@ -97,6 +107,9 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, f"cell_backward_{suffix}").argtypes = [_I, _I, _P, _P, _P, _P, _P, _P]
     for name in _DROPOUT.values():
         getattr(lib, name).argtypes = [_I, _P, _P, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float]
+    for suffix in ("f32", "f64"):
+        getattr(lib, f"relu_sums_forward_{suffix}").argtypes = [_I] * 5 + [_P] * 5
+        getattr(lib, f"relu_sums_backward_{suffix}").argtypes = [_I] * 5 + [_P] * 7
     return lib
 
 
@@ -107,7 +120,7 @@ _torch_ops_depth = 0  # > 0 inside `torch_ops()`
 
 @contextmanager
 def torch_ops() -> Iterator[None]:
-    """Within the block the cell and dropout run as torch ops even where the kernels are built.
+    """Within the block the cell, dropout and the DWS activation run as torch ops even where the kernels are built.
 
     For comparing the two paths (`rnnrep bench lstm`, the tests); not thread-safe.
     """
@@ -128,6 +141,17 @@ def kernels(t: Tensor):
         return None
     s = _SUFFIX[t.dtype]
     return getattr(lib, f"cell_forward_{s}"), getattr(lib, f"cell_backward_{s}")
+
+
+def relu_sums_kernels(t: Tensor):
+    """`(forward, backward)` of the DWS activation (`_relu_sums.c`) for `t`'s dtype, or None."""
+    if _torch_ops_depth or t.device.type != "cpu" or t.dtype not in _SUFFIX:
+        return None
+    lib = library()
+    if lib is None:
+        return None
+    s = _SUFFIX[t.dtype]
+    return getattr(lib, f"relu_sums_forward_{s}"), getattr(lib, f"relu_sums_backward_{s}")
 
 
 def dropout_kernel(t: Tensor):

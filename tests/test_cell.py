@@ -93,6 +93,26 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
         cell.library.cache_clear()
 
 
+@requires_compiler
+def test_builds_single_threaded_where_the_compiler_lacks_openmp(tmp_path, monkeypatch):
+    """The DWS kernel's threads are OpenMP; a compiler without it still builds every kernel."""
+    fake = tmp_path / "cc"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = {cell.OPENMP} ] && exit 1; done\nexec {cell.find_compiler()} "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("RNNREP_CACHE", str(tmp_path / "cache"))
+    cell.library.cache_clear()
+    try:
+        assert cell.kernels(torch.zeros(1)) is not None
+        forward, _ = cell.relu_sums_kernels(torch.zeros(1))
+        y, col, row = torch.tensor([[[[-1.0, 2.0]]]]), torch.tensor([[[0.5, 0.5]]]), torch.tensor([[[0.0, 1.0]]])
+        s_rows, s_cols = torch.empty(1, 1, 2), torch.empty(1, 1, 2)
+        forward(2, 1, 1, 1, 2, y.data_ptr(), col.data_ptr(), row.data_ptr(), s_rows.data_ptr(), s_cols.data_ptr())
+        assert y.flatten().tolist() == [0.0, 3.5] and s_rows.flatten().tolist() == s_cols.flatten().tolist() == [0.0, 3.5]
+    finally:
+        cell.library.cache_clear()
+
+
 @pytest.mark.parametrize("env", [{"CC": "/nonexistent/cc"}, {"RNNREP_CELL_KERNEL": "0"}])
 def test_falls_back_to_torch_ops(tmp_path, monkeypatch, caplog, env):
     monkeypatch.setenv("RNNREP_CACHE", str(tmp_path))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rnnrep import cell
 from rnnrep.encoders import ENCODERS, MECHANISTIC, build_encoder, encoder_config
 from rnnrep.encoders.common import count_parameters
 from rnnrep.encoders.dws import (
@@ -13,6 +14,7 @@ from rnnrep.encoders.dws import (
     DWSEncoder,
     feature_shapes,
     permute_features,
+    relu_sums,
     to_features,
 )
 from rnnrep.encoders.flat import FlatConfig, FlatEncoder
@@ -102,25 +104,85 @@ def test_dws_features_follow_the_member_permutation() -> None:
         torch.testing.assert_close(permuted[name], expected[name])
 
 
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
 @pytest.mark.parametrize("spec", [SMALL, DEEP], ids=["2-layer", "3-layer"])
-def test_every_dws_layer_is_equivariant(spec: LSTMSpec) -> None:
+def test_every_dws_layer_is_equivariant(spec: LSTMSpec, relu: bool) -> None:
     torch.manual_seed(0)
     encoder = DWSEncoder(spec, DWSConfig(channels=(6, 5, 3), mlp_hidden=(8,))).double()
     for layer in encoder.layers:
         c_in = layer.maps[0].point.in_features
         feats = {k: torch.randn(2, *shape, c_in, dtype=torch.float64) for k, shape in feature_shapes(spec).items()}
         perms = [torch.randperm(spec.hidden_size) for _ in range(spec.num_layers)]
-        out_of_permuted = layer(permute_features(spec, feats, perms))
-        permuted_out = permute_features(spec, layer(feats), perms)
+        out_of_permuted, _ = layer(permute_features(spec, feats, perms), relu=relu)
+        out, sums = layer(feats, relu=relu)
+        permuted_out = permute_features(spec, out, perms)
         for name in feats:
             torch.testing.assert_close(out_of_permuted[name], permuted_out[name], atol=1e-10, rtol=1e-10)
+        if relu:  # the sums handed to the next layer are the output's
+            assert all((x >= 0).all() for x in out.values())
+            assert sums.keys() == {k for k, x in out.items() if x.dim() == 4}
+            for name, (s_rows, s_cols) in sums.items():
+                torch.testing.assert_close(s_rows, out[name].sum(1))
+                torch.testing.assert_close(s_cols, out[name].sum(2))
+
+
+def test_dws_layer_takes_its_inputs_sums_from_the_previous_layer() -> None:
+    layer = DWSEncoder(DEEP, DWSConfig(channels=(6, 5))).double().layers[1]
+    feats = {k: torch.randn(2, *shape, 6, dtype=torch.float64).relu() for k, shape in feature_shapes(DEEP).items()}
+    sums = {k: (x.sum(1), x.sum(2)) for k, x in feats.items() if x.dim() == 4}
+    wrong = {k: (s_rows + 1, s_cols) for k, (s_rows, s_cols) in sums.items()}
+    (given, _), (computed, _), (from_wrong, _) = layer(feats, sums), layer(feats), layer(feats, wrong)
+    for name in feats:
+        torch.testing.assert_close(given[name], computed[name])
+    assert not torch.allclose(from_wrong["bias_hh_l1"], computed["bias_hh_l1"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("map_grad", [True, False], ids=["map-and-sums", "sums-only"])
+@pytest.mark.parametrize("path", ["c-kernel", "torch-ops"])
+def test_relu_sums_is_relu_then_sums(dtype: torch.dtype, map_grad: bool, path: str) -> None:
+    """The fused activation against autograd through plain ops, forward and backward.
+
+    `sums-only` is the last layer's input, of which only the sums are read."""
+    if path == "c-kernel" and cell.relu_sums_kernels(torch.zeros(1, dtype=dtype)) is None:
+        if cell.find_compiler() is None:
+            pytest.skip("no C compiler: the kernels cannot be built here")
+        pytest.fail("a C compiler is here but the kernels did not build (see the logged warning)")
+    g = torch.Generator().manual_seed(0)
+    B, R, C, K = 3, 5, 4, 7
+    y, col, row = (torch.randn(*shape, generator=g, dtype=dtype) for shape in ((B, R, C, K), (B, C, K), (B, R, K)))
+    grads = [torch.randn(*shape, generator=g, dtype=dtype) for shape in ((B, R, C, K), (B, C, K), (B, R, K))]
+    if not map_grad:
+        grads[0] = None
+
+    def run(fused: bool):
+        leaves = [t.clone().requires_grad_() for t in (y, col, row)]
+        mapped = leaves[0] * 1  # a non-leaf, as the matmul output it overwrites
+        if fused:
+            outs = relu_sums(mapped, leaves[1], leaves[2])
+        else:
+            x = torch.relu(mapped + leaves[1][:, None] + leaves[2][:, :, None])
+            outs = (x, x.sum(1), x.sum(2))
+        used = [(o, gr) for o, gr in zip(outs, grads) if gr is not None]
+        torch.autograd.backward([o for o, _ in used], [gr for _, gr in used])
+        return [o.detach() for o in outs] + [t.grad for t in leaves]
+
+    expected = run(fused=False)
+    if path == "torch-ops":
+        with cell.torch_ops():
+            got = run(fused=True)
+    else:
+        got = run(fused=True)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, **tol)
 
 
 def test_dws_pooled_layer_is_the_mean_of_its_output() -> None:
     """The last layer computes only the pooled means; they must be the full output's."""
     layer = DWSEncoder(DEEP, DWSConfig(channels=(6, 5))).double().layers[1]
     feats = {k: torch.randn(2, *shape, 6, dtype=torch.float64) for k, shape in feature_shapes(DEEP).items()}
-    full, pooled = layer(feats), layer(feats, pooled=True)
+    (full, _), (pooled, _) = layer(feats), layer(feats, pooled=True)
     for name in feats:
         torch.testing.assert_close(pooled[name], full[name].flatten(1, -2).mean(dim=1))
 
@@ -130,7 +192,7 @@ def test_dws_layer_sees_beyond_its_own_tensor() -> None:
     layer = DWSEncoder(SMALL, DWSConfig(channels=(3,))).layers[0]
     feats = to_features(SMALL, members(SMALL, 1))
     changed = dict(feats, weight_hh_l1=feats["weight_hh_l1"] + 1.0)
-    out, out_changed = layer(feats), layer(changed)
+    (out, _), (out_changed, _) = layer(feats), layer(changed)
     for name in ("weight_ih_l0", "weight_ih_l1", "linear.weight", "bias_ih_l0"):
         assert not torch.allclose(out[name], out_changed[name])
 
