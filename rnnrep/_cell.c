@@ -14,8 +14,28 @@
    gradient checks, uses libm. */
 
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <string.h>
+
+/* A call's members are split over torch's OpenMP threads (the calling thread's count,
+   which torch sets) when it has at least this many values per gate: below, the fork
+   costs more than it saves. Zoo-build actors run one thread, so their calls stay serial.
+   Compiled without OpenMP, every call is serial. */
+#define PARALLEL_MIN 16384
+
+static inline int parts(int64_t K, int64_t HB) {
+#ifdef _OPENMP
+    int n = K * HB >= PARALLEL_MIN ? omp_get_max_threads() : 1;
+    return n > K ? (K > 0 ? (int)K : 1) : n;
+#else
+    (void)HB;
+    (void)K;
+    return 1;
+#endif
+}
 
 /* a * b + c in one rounding where the CPU has FMA. Written out, not left to
    -ffp-contract, so that every path computes the same thing. */
@@ -56,10 +76,10 @@ static inline double tanh_f64(double x) { return tanh(x); }
        h: member k's block at h + k * h_stride. With grad (f_out non-NULL) also the       \
        backward's factors: f_out [K, HB], q [K, 4, HB] (d pre-activation per unit of       \
        dh, dc, dc, dc) and dc_dh [K, HB]. */                                               \
-    void cell_forward_##SUF(int64_t K, int64_t HB, const T *restrict acts, const T *c_prev, \
-                            T *c_new, T *restrict h, int64_t h_stride, T *restrict f_out, \
-                            T *restrict q, T *restrict dc_dh) {                          \
-        for (int64_t k = 0; k < K; k++) {                                                 \
+    static void forward_range_##SUF(int64_t k0, int64_t k1, int64_t HB, const T *restrict acts, \
+                                    const T *c_prev, T *c_new, T *restrict h, int64_t h_stride, \
+                                    T *restrict f_out, T *restrict q, T *restrict dc_dh) {  \
+        for (int64_t k = k0; k < k1; k++) {                                               \
             const T *restrict a = acts + k * 4 * HB;                                      \
             const T *cp = c_prev + k * HB;                                                \
             T *cn = c_new + k * HB, *restrict hk = h + k * h_stride;                      \
@@ -94,10 +114,11 @@ static inline double tanh_f64(double x) { return tanh(x); }
                                                                                           \
     /* One step back: dc <- dc * f_next + dh * dc_dh (f_next NULL at the last step),     \
        then d_acts [K, 4, HB] = (dh q_o, dc q_i, dc q_f, dc q_g). */                      \
-    void cell_backward_##SUF(int64_t K, int64_t HB, const T *restrict dh, T *restrict dc, \
-                             const T *restrict f_next, const T *restrict dc_dh,           \
-                             const T *restrict q, T *restrict d_acts) {                   \
-        for (int64_t k = 0; k < K; k++) {                                                 \
+    static void backward_range_##SUF(int64_t k0, int64_t k1, int64_t HB, const T *restrict dh, \
+                                     T *restrict dc, const T *restrict f_next,            \
+                                     const T *restrict dc_dh, const T *restrict q,        \
+                                     T *restrict d_acts) {                                \
+        for (int64_t k = k0; k < k1; k++) {                                               \
             const T *restrict dhk = dh + k * HB, *restrict dk = dc_dh + k * HB;           \
             const T *restrict qk = q + k * 4 * HB;                                        \
             T *restrict dck = dc + k * HB, *restrict out = d_acts + k * 4 * HB;           \
@@ -112,6 +133,24 @@ static inline double tanh_f64(double x) { return tanh(x); }
                 out[3 * HB + e] = d * qk[3 * HB + e];                                     \
             }                                                                             \
         }                                                                                 \
+    }                                                                                     \
+                                                                                          \
+    void cell_forward_##SUF(int64_t K, int64_t HB, const T *acts, const T *c_prev, T *c_new, \
+                            T *h, int64_t h_stride, T *f_out, T *q, T *dc_dh) {           \
+        const int n = parts(K, HB);                                                       \
+        _Pragma("omp parallel for num_threads(n) schedule(static, 1)")                    \
+        for (int i = 0; i < n; i++)                                                       \
+            forward_range_##SUF(K * i / n, K * (i + 1) / n, HB, acts, c_prev, c_new, h,   \
+                                h_stride, f_out, q, dc_dh);                               \
+    }                                                                                     \
+                                                                                          \
+    void cell_backward_##SUF(int64_t K, int64_t HB, const T *dh, T *dc, const T *f_next,  \
+                             const T *dc_dh, const T *q, T *d_acts) {                     \
+        const int n = parts(K, HB);                                                       \
+        _Pragma("omp parallel for num_threads(n) schedule(static, 1)")                    \
+        for (int i = 0; i < n; i++)                                                       \
+            backward_range_##SUF(K * i / n, K * (i + 1) / n, HB, dh, dc, f_next, dc_dh, q, \
+                                 d_acts);                                                 \
     }
 
 DEFINE_CELL(float, f32)

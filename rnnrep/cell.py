@@ -38,10 +38,10 @@ log = logging.getLogger(__name__)
 
 SOURCES = [Path(__file__).with_name(name) for name in ("_cell.c", "_dropout.c", "_relu_sums.c")]
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fPIC", "-shared"]
-# The DWS kernel's threads. Linked by soname, libgomp resolves to the copy torch has
-# loaded, so the kernel shares torch's thread pool: its own threads beside torch's
-# spinning ones made the DWS step slower on 2 cores. A compiler without OpenMP gets
-# the same kernels, single-threaded.
+# The kernels' threads. Linked by soname, libgomp resolves to the copy torch has
+# loaded, so the kernels share torch's thread pool: threads of their own beside
+# torch's spinning ones made the DWS step slower on 2 cores. A compiler without
+# OpenMP gets the same kernels, single-threaded.
 OPENMP = "-fopenmp"
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 
