@@ -71,6 +71,34 @@ def test_backward_matches_torch(dtype, last_step):
 
 
 @requires_compiler
+def test_a_call_split_over_threads_is_the_calls_one_member_at_a_time():
+    """Large calls run their members on torch's threads: the same values, bit for bit."""
+    fwd, bwd = _kernels(torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    k, h, b = 8, 64, 64  # 32,768 values per gate: above the kernel's threshold for threads
+    acts = torch.randn(k, 4 * h, b, generator=gen) * 3
+    c_prev, dh, dc = (torch.randn(k, h, b, generator=gen) for _ in range(3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for members in ([slice(0, k)], [slice(i, i + 1) for i in range(k)]):
+            c, hh, f, dc_dh = (torch.empty(k, h, b) for _ in range(4))
+            q, d_acts, dc_out = torch.empty(k, 4 * h, b), torch.empty(k, 4 * h, b), dc.clone()
+            for m in members:
+                n = m.stop - m.start
+                fwd(n, h * b, acts[m].data_ptr(), c_prev[m].data_ptr(), c[m].data_ptr(), hh[m].data_ptr(), h * b,
+                    f[m].data_ptr(), q[m].data_ptr(), dc_dh[m].data_ptr())
+                bwd(n, h * b, dh[m].data_ptr(), dc_out[m].data_ptr(), f[m].data_ptr(), dc_dh[m].data_ptr(),
+                    q[m].data_ptr(), d_acts[m].data_ptr())
+            results.append((c, hh, f, dc_dh, q, d_acts, dc_out))
+    finally:
+        torch.set_num_threads(threads)
+    for whole, one_by_one in zip(*results):
+        assert torch.equal(whole, one_by_one)
+
+
+@requires_compiler
 def test_applies_to_cpu_float_only():
     assert cell.kernels(torch.zeros(1, dtype=torch.float16)) is None
     assert cell.kernels(torch.zeros(1, dtype=torch.int64)) is None
