@@ -1,6 +1,6 @@
 """rnnrep's C kernels, compiled for this machine on first use: the fused LSTM cell
 (`_cell.c`), dropout (`_dropout.c`, used by `rnnrep.dropout`) and the DWS encoder's
-fused activation (`_relu_sums.c`, used by `rnnrep.encoders.dws`).
+fused map layer (`_dws.c`, used by `rnnrep.encoders.dws`).
 
 At a member's size the per-step elementwise work, not the matmul, is most of a
 training step, and it is a dozen small ATen ops. One C call per step does it in a
@@ -36,7 +36,7 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name(name) for name in ("_cell.c", "_dropout.c", "_relu_sums.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("_cell.c", "_dropout.c", "_dws.c")]
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-ffp-contract=off", "-fPIC", "-shared"]
 # The kernels' threads. Linked by soname, libgomp resolves to the copy torch has
 # loaded, so the kernels share torch's thread pool: threads of their own beside
@@ -108,8 +108,8 @@ def library() -> ctypes.CDLL | None:
     for name in _DROPOUT.values():
         getattr(lib, name).argtypes = [_I, _P, _P, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float]
     for suffix in ("f32", "f64"):
-        getattr(lib, f"relu_sums_forward_{suffix}").argtypes = [_I] * 5 + [_P] * 5
-        getattr(lib, f"relu_sums_backward_{suffix}").argtypes = [_I] * 5 + [_P] * 7
+        getattr(lib, f"dws_forward_{suffix}").argtypes = [_I] * 6 + [_P] * 7
+        getattr(lib, f"dws_backward_{suffix}").argtypes = [_I] * 6 + [_P] * 11
     return lib
 
 
@@ -120,7 +120,7 @@ _torch_ops_depth = 0  # > 0 inside `torch_ops()`
 
 @contextmanager
 def torch_ops() -> Iterator[None]:
-    """Within the block the cell, dropout and the DWS activation run as torch ops even where the kernels are built.
+    """Within the block the cell, dropout and the DWS map layer run as torch ops even where the kernels are built.
 
     For comparing the two paths (`rnnrep bench lstm`, the tests); not thread-safe.
     """
@@ -143,15 +143,15 @@ def kernels(t: Tensor):
     return getattr(lib, f"cell_forward_{s}"), getattr(lib, f"cell_backward_{s}")
 
 
-def relu_sums_kernels(t: Tensor):
-    """`(forward, backward)` of the DWS activation (`_relu_sums.c`) for `t`'s dtype, or None."""
+def dws_kernels(t: Tensor):
+    """`(forward, backward)` of the DWS map layer (`_dws.c`) for `t`'s dtype, or None."""
     if _torch_ops_depth or t.device.type != "cpu" or t.dtype not in _SUFFIX:
         return None
     lib = library()
     if lib is None:
         return None
     s = _SUFFIX[t.dtype]
-    return getattr(lib, f"relu_sums_forward_{s}"), getattr(lib, f"relu_sums_backward_{s}")
+    return getattr(lib, f"dws_forward_{s}"), getattr(lib, f"dws_backward_{s}")
 
 
 def dropout_kernel(t: Tensor):

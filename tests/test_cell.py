@@ -132,10 +132,12 @@ def test_builds_single_threaded_where_the_compiler_lacks_openmp(tmp_path, monkey
     cell.library.cache_clear()
     try:
         assert cell.kernels(torch.zeros(1)) is not None
-        forward, _ = cell.relu_sums_kernels(torch.zeros(1))
-        y, col, row = torch.tensor([[[[-1.0, 2.0]]]]), torch.tensor([[[0.5, 0.5]]]), torch.tensor([[[0.0, 1.0]]])
-        s_rows, s_cols = torch.empty(1, 1, 2), torch.empty(1, 1, 2)
-        forward(2, 1, 1, 1, 2, y.data_ptr(), col.data_ptr(), row.data_ptr(), s_rows.data_ptr(), s_cols.data_ptr())
+        forward, _ = cell.dws_kernels(torch.zeros(1))
+        x, wt = torch.tensor([[[[2.0]]]]), torch.tensor([[-1.0, 1.0]])  # one entry, 1 -> 2 channels
+        col, row = torch.tensor([[[0.5, 0.5]]]), torch.tensor([[[0.0, 1.0]]])
+        y, s_rows, s_cols = torch.empty(1, 1, 1, 2), torch.empty(1, 1, 2), torch.empty(1, 1, 2)
+        assert forward(2, 1, 1, 1, 1, 2, x.data_ptr(), wt.data_ptr(), col.data_ptr(), row.data_ptr(), y.data_ptr(),
+                       s_rows.data_ptr(), s_cols.data_ptr()) == 0
         assert y.flatten().tolist() == [0.0, 3.5] and s_rows.flatten().tolist() == s_cols.flatten().tolist() == [0.0, 3.5]
     finally:
         cell.library.cache_clear()

@@ -17,20 +17,13 @@ directly (the mean of an affine map is the map of the mean) and never builds its
 maps. Learned input/output position embeddings break the (unwanted) symmetry of
 the input and output units, which are not interchangeable.
 
-The maps do not fit in cache, so a layer costs its passes over them. The ReLU
-between layers runs fused with the broadcast adds before it and the row and column
-sums the next layer takes (`relu_sums`, a C kernel): for the paper configuration
-(64 members, 2 threads) the encoder's forward + backward took 122.6 ms against
-142.4 ms in torch ops (medians of 30, timed in turn in one process), and a
-training step (`rnnrep bench train --encoder dws`) 0.183-0.185 s against 0.204 s.
-
-The wiring of (c) and (d) is the reference's `NPLinearLSTM`, term for term (checked
-numerically against it with copied weights), so the paper configuration (4 layers x
-48 channels, MLP 128) has its parameter count: 1,279,736 (formal languages),
-1,282,400 (MNIST). One quirk is kept for that reason: the per-row context of the
-last LSTM layer's recurrent weights lacks the read-out averaged over its output
-units, although earlier layers' recurrent weights get the next layer's input
-weights averaged that way.
+The maps do not fit in cache, so a layer costs its passes over them. A built
+layer's big maps run in one C pass each way (`linear_relu_sums`): the pointwise
+channel mix, the broadcast adds, the ReLU that follows the layer and the row and
+column sums the next layer takes. For the paper configuration (64 members, 2
+threads) the encoder's forward + backward took 118-119 ms against 154-155 ms in
+torch ops (two A/B runs, medians of 30 timed in turn in one process), and a training
+step (`rnnrep bench train --encoder dws`) 0.181-0.183 s against 0.211 s.
 """
 
 from __future__ import annotations
@@ -167,11 +160,11 @@ class _PairMap(nn.Module):
         # layer costs its passes over the big map.
         row_const = self.glob(glob)[:, None] + self.by_row(by_row) + self.point.bias  # [B, rows, C]
         col_const = self.by_col(by_col)  # [B, cols, C]
-        w_out = torch.matmul(w, self.point.weight.T)
         b_out = self.bias_by_row(by_row) + self.bias_glob(glob)[:, None]
         if relu:
-            w_out, s_rows, s_cols = relu_sums(w_out, col_const, row_const)
+            w_out, s_rows, s_cols = linear_relu_sums(w, self.point.weight, col_const, row_const)
             return w_out, torch.relu(b_out), (s_rows, s_cols)
+        w_out = torch.matmul(w, self.point.weight.T)
         w_out += col_const[:, None]
         w_out += row_const[:, :, None]
         return w_out, b_out, None
@@ -264,61 +257,81 @@ class EquivariantLayer(nn.Module):
         return out, out_sums
 
 
-# --------------------------------------------------------------------------- the fused activation
+# --------------------------------------------------------------------------- the fused map layer
 
 
-class _ReluSums(torch.autograd.Function):
-    """See `relu_sums`. The map is overwritten (it is the matmul's fresh output) and
-    saved as the ReLU's mask; a gradient that does not reach the map (the last layer
+class _LinearReluSums(torch.autograd.Function):
+    """See `linear_relu_sums`. A gradient that does not reach the map (the last layer
     reads only the sums) is not materialised."""
 
     @staticmethod
-    def forward(ctx, y: Tensor, col: Tensor, row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(ctx, x: Tensor, weight: Tensor, col: Tensor, row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         ctx.set_materialize_grads(False)
-        kernels = cell.relu_sums_kernels(y) if y.is_contiguous() else None
+        kernels = _kernels(x, weight)
         if kernels is None:
+            y = torch.matmul(x, weight.T)
             y += col[:, None]
             y += row[:, :, None]
             y.relu_()
             s_rows, s_cols = y.sum(dim=1), y.sum(dim=2)
         else:
-            B, R, C, K = y.shape
-            col, row = col.contiguous(), row.contiguous()
-            s_rows, s_cols = y.new_empty(B, C, K), y.new_empty(B, R, K)
-            kernels[0](torch.get_num_threads(), B, R, C, K, y.data_ptr(), col.data_ptr(), row.data_ptr(),
-                       s_rows.data_ptr(), s_cols.data_ptr())
-        ctx.mark_dirty(y)
-        ctx.save_for_backward(y)
+            (B, R, C, I), O = x.shape, weight.shape[0]
+            x, col, row = x.contiguous(), col.contiguous(), row.contiguous()
+            wt = weight.t().contiguous()
+            y, s_rows, s_cols = x.new_empty(B, R, C, O), x.new_empty(B, C, O), x.new_empty(B, R, O)
+            _check(kernels[0](torch.get_num_threads(), B, R, C, I, O, x.data_ptr(), wt.data_ptr(), col.data_ptr(),
+                              row.data_ptr(), y.data_ptr(), s_rows.data_ptr(), s_cols.data_ptr()), O)
+        ctx.save_for_backward(x, weight, y)
         return y, s_rows, s_cols
 
     @staticmethod
     def backward(ctx, gy: Tensor | None, gs_rows: Tensor | None, gs_cols: Tensor | None):
-        (y,) = ctx.saved_tensors
-        B, R, C, K = y.shape
-        gs_rows = y.new_zeros(B, C, K) if gs_rows is None else gs_rows.contiguous()
-        gs_cols = y.new_zeros(B, R, K) if gs_cols is None else gs_cols.contiguous()
-        kernels = cell.relu_sums_kernels(y)
+        x, weight, y = ctx.saved_tensors
+        (B, R, C, I), O = x.shape, weight.shape[0]
+        gs_rows = y.new_zeros(B, C, O) if gs_rows is None else gs_rows.contiguous()
+        gs_cols = y.new_zeros(B, R, O) if gs_cols is None else gs_cols.contiguous()
+        need_x = ctx.needs_input_grad[0]
+        kernels = _kernels(x, weight)
         if kernels is None:
             g = gs_rows[:, None] + gs_cols[:, :, None]
             if gy is not None:
                 g = g + gy
             g = g.masked_fill(y <= 0, 0)
-            return g, g.sum(dim=1), g.sum(dim=2)
+            gw = g.flatten(0, 2).T @ x.flatten(0, 2)
+            return g @ weight if need_x else None, gw, g.sum(dim=1), g.sum(dim=2)
         gy = None if gy is None else gy.contiguous()
-        g, g_col, g_row = torch.empty_like(y), y.new_empty(B, C, K), y.new_empty(B, R, K)
-        kernels[1](torch.get_num_threads(), B, R, C, K, y.data_ptr(), None if gy is None else gy.data_ptr(),
-                   gs_rows.data_ptr(), gs_cols.data_ptr(), g.data_ptr(), g_col.data_ptr(), g_row.data_ptr())
-        return g, g_col, g_row
+        weight = weight.contiguous()
+        gx = x.new_empty(B, R, C, I) if need_x else None
+        gw, g_col, g_row = weight.new_empty(O, I), y.new_empty(B, C, O), y.new_empty(B, R, O)
+        threads = torch.get_num_threads()
+        scratch = weight.new_empty(2 * threads, O, I)
+        _check(kernels[1](threads, B, R, C, I, O, x.data_ptr(), weight.data_ptr(), y.data_ptr(),
+                          None if gy is None else gy.data_ptr(), gs_rows.data_ptr(), gs_cols.data_ptr(),
+                          None if gx is None else gx.data_ptr(), gw.data_ptr(), g_col.data_ptr(), g_row.data_ptr(),
+                          scratch.data_ptr()), O)
+        return gx, gw, g_col, g_row
 
 
-def relu_sums(y: Tensor, col: Tensor, row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """`x = relu(y + col[:, None] + row[:, :, None])` for a map `y[B, R, C, K]` (overwritten),
-    `col[B, C, K]`, `row[B, R, K]`, with `x.sum(1)` and `x.sum(2)`.
+_KERNEL_MAX_CHANNELS = 1024  # rnnrep/_dws.c's MAX_CHANNELS
 
-    One pass over the map forward and one backward in C (`rnnrep/_relu_sums.c`), where
-    torch ops made six and ten; torch ops on GPUs or without a compiler.
+
+def _kernels(x: Tensor, weight: Tensor):
+    return cell.dws_kernels(x) if weight.shape[0] <= _KERNEL_MAX_CHANNELS else None
+
+
+def _check(status: int, channels: int) -> None:
+    if status != 0:
+        raise RuntimeError(f"rnnrep/_dws.c refused {channels} output channels (MAX_CHANNELS)")
+
+
+def linear_relu_sums(x: Tensor, weight: Tensor, col: Tensor, row: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`y = relu(x @ weight.T + col[:, None] + row[:, :, None])` for a map `x[B, R, C, I]`,
+    `weight[O, I]`, `col[B, C, O]`, `row[B, R, O]`, with `y.sum(1)` and `y.sum(2)`.
+
+    One pass over the maps forward and one backward in C (`rnnrep/_dws.c`), where torch
+    ops made six and seven; torch ops on GPUs or without a compiler.
     """
-    return _ReluSums.apply(y, col, row)
+    return _LinearReluSums.apply(x, weight, col, row)
 
 
 # --------------------------------------------------------------------------- the encoder
