@@ -132,26 +132,25 @@ def torch_ops() -> Iterator[None]:
         _torch_ops_depth -= 1
 
 
-def kernels(t: Tensor):
-    """`(forward, backward)` C functions for `t`'s dtype, or None where the kernel does not apply."""
+def _pair(t: Tensor, name: str):
+    """The C functions `{name}_forward_*` and `{name}_backward_*` for `t`'s dtype, or None."""
     if _torch_ops_depth or t.device.type != "cpu" or t.dtype not in _SUFFIX:
         return None
     lib = library()
     if lib is None:
         return None
     s = _SUFFIX[t.dtype]
-    return getattr(lib, f"cell_forward_{s}"), getattr(lib, f"cell_backward_{s}")
+    return getattr(lib, f"{name}_forward_{s}"), getattr(lib, f"{name}_backward_{s}")
+
+
+def kernels(t: Tensor):
+    """`(forward, backward)` of the LSTM cell for `t`'s dtype, or None where the kernel does not apply."""
+    return _pair(t, "cell")
 
 
 def dws_kernels(t: Tensor):
     """`(forward, backward)` of the DWS map layer (`_dws.c`) for `t`'s dtype, or None."""
-    if _torch_ops_depth or t.device.type != "cpu" or t.dtype not in _SUFFIX:
-        return None
-    lib = library()
-    if lib is None:
-        return None
-    s = _SUFFIX[t.dtype]
-    return getattr(lib, f"dws_forward_{s}"), getattr(lib, f"dws_backward_{s}")
+    return _pair(t, "dws")
 
 
 def dropout_kernel(t: Tensor):
