@@ -126,6 +126,29 @@ def test_stream_decodes_a_split_that_fits_its_buffer_once(zoo3, monkeypatch, buf
     fresh.close()  # no decode of this test may run on into the next one's count
 
 
+def test_a_window_holds_one_decoded_chunk_at_a_time(fl_zoo, tmp_path, monkeypatch):
+    """Decoded chunks hold every rollout (about 100x the picked rows): a window of a split
+    larger than the buffer drops each once its rows are picked, so its decode holds one."""
+    import weakref
+
+    zoo = open_zoo(rewrite_splits(fl_zoo[0], tmp_path / "zoo", lambda m: "train"))
+    alive: list[weakref.ref] = []
+    real = data._read_chunk
+
+    def read(z, c):
+        assert not any(r() is not None for r in alive), "an earlier chunk's dense arrays are still held"
+        dense = real(z, c)
+        alive.extend(weakref.ref(a) for a in dense.values())
+        return dense
+
+    monkeypatch.setattr(data, "_read_chunk", read)
+    chunk_rows = max(len(c.rows) for c in data.split_chunks(zoo, "train"))
+    stream = TrainStream(zoo, "train", batch_size=4, seed=0, buffer_rows=2 * chunk_rows, prefetch=False)
+    assert stream.chunks_per_window == 2 < len(stream.chunks), "the test needs a window of 2 chunks, not the split"
+    windows = [stream._build_window(0, w) for w in range(len(stream._epoch(0)))]
+    assert sum(len(w["params"]) for w in windows) == stream.rows and alive
+
+
 def test_prefetch_decodes_ahead_in_the_background_and_changes_no_batch(zoo3, monkeypatch):
     zoo = open_zoo(zoo3)
     threads = []

@@ -172,15 +172,20 @@ class TrainStream:
         ids, pos, roll = self._epoch(epoch)[w]
         parts, decoded = [], {}
         cache = self._decoded
+        # a split that fits one window is decoded once, not once per epoch; otherwise
+        # each chunk's dense arrays (all its rollouts) are dropped once its rows are
+        # picked, so a window's decode holds one chunk, not the window's worth
+        whole = len(ids) == len(self.chunks)
         for j, cid in enumerate(ids):
             mine = np.flatnonzero(pos[:, 0] == j)  # window rows from this chunk, in window order
             dense = cache.get(cid)
             if dense is None:
                 dense = _read_chunk(self.zoo, self.chunks[cid])
-            decoded[cid] = dense
+            if whole:
+                decoded[cid] = dense
             parts.append((mine, _pick(self.zoo.kind, dense, pos[mine, 1], roll[mine])))
-        # a split that fits one window is decoded once, not once per epoch
-        self._decoded = decoded if len(ids) == len(self.chunks) else {}
+            del dense
+        self._decoded = decoded
         n = len(pos)
         arrays = {k: np.empty((n, *v.shape[1:]), v.dtype) for k, v in parts[0][1].items()}
         for mine, a in parts:
