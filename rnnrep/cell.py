@@ -9,7 +9,7 @@ with no torch headers: it compiles in about a second with the system C compiler 
 loads through ctypes, so installing rnnrep needs no build step. Without a compiler,
 or with `RNNREP_CELL_KERNEL=0`, `lstm` runs the same math in torch ops (always so on
 GPUs); results then differ in the last bits, not in meaning. The same switch sends
-dropout back to torch's.
+dropout and the DWS layer back to torch ops.
 
 Builds are cached per source, compiler flags and CPU (`-march=native`) under
 `$RNNREP_CACHE` (default `~/.cache/rnnrep`), written to a temp name and renamed, so
@@ -90,7 +90,7 @@ def library() -> ctypes.CDLL | None:
         return None
     compiler = find_compiler()
     if compiler is None:
-        log.warning("no C compiler found: the LSTM cell and dropout run as torch ops (slower)")
+        log.warning("no C compiler found: the LSTM cell, dropout and DWS layer run as torch ops (slower)")
         return None
     try:
         try:
