@@ -44,9 +44,9 @@ def _assert_same_run(a, b):
     """Metrics of runs `a` and `b` equal, and their last checkpoints' weights equal bit for bit.
 
     Except the train loss, within 1e-6: it averages the losses of the steps' forward
-    passes, and in about one full suite in ten one of those came out a few float32 ulps
-    apart in one of two identical runs (0.3288922 vs 0.3288924 at step 3) while every
-    evaluation loss and later train loss matched to the bit. Not reproduced in 23
+    passes, and in one CI run (and 2 of 8 runs of the slow test below) one of those came
+    out a few float32 ulps apart in one of two identical runs (0.3288922 vs 0.3288924 at
+    step 3) while every evaluation loss and later train loss matched to the bit. Not reproduced in 23
     standalone runs nor 3 suites; thread count, input alignment and the C cell kernel
     do not change it.
     """

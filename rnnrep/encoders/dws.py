@@ -17,6 +17,14 @@ directly (the mean of an affine map is the map of the mean) and never builds its
 maps. Learned input/output position embeddings break the (unwanted) symmetry of
 the input and output units, which are not interchangeable.
 
+The wiring of (c) and (d) is the reference's `NPLinearLSTM`, term for term (checked
+numerically against it with copied weights), so the paper configuration (4 layers x
+48 channels, MLP 128) has its parameter count: 1,279,736 (formal languages),
+1,282,400 (MNIST). One quirk is kept for that reason: the per-row context of the
+last LSTM layer's recurrent weights lacks the read-out averaged over its output
+units, although earlier layers' recurrent weights get the next layer's input
+weights averaged that way.
+
 The maps do not fit in cache, so a layer costs its passes over them. A built
 layer's big maps run in one C pass each way (`linear_relu_sums`): the pointwise
 channel mix, the broadcast adds, the ReLU that follows the layer and the row and
