@@ -205,48 +205,6 @@ def step(spec: LSTMSpec, flat: Tensor, x: Tensor, state: State | None = None) ->
     return logits.squeeze(2), state
 
 
-class Prober:
-    """K members stepped one input at a time, differentiably, for the probing encoders.
-
-    The weights are unflattened, transposed and their biases summed once, not at every
-    step as `step` must; each step is then two batched matmuls and the cell per layer
-    (plain autograd ops: with one step there is no time loop to fuse).
-    """
-
-    def __init__(self, spec: LSTMSpec, flat: Tensor) -> None:
-        p = unflatten(spec, flat)
-        self.layers = [
-            (
-                p[f"weight_ih_l{l}"].transpose(1, 2),
-                p[f"weight_hh_l{l}"].transpose(1, 2),
-                (p[f"bias_ih_l{l}"] + p[f"bias_hh_l{l}"]).unsqueeze(1),
-            )
-            for l in range(spec.num_layers)
-        ]
-        self.readout = (p["linear.weight"].transpose(1, 2), p["linear.bias"].unsqueeze(1))
-        self.H = spec.hidden_size
-        self.state: list[tuple[Tensor, Tensor]] | None = None  # per layer (h, c); None = zeros
-
-    def __call__(self, x: Tensor) -> Tensor:
-        """`x[K, B, I]` -> logits `[K, B, O]`; the members' state carries to the next call."""
-        new_state = []
-        inp = x
-        for l, (w_ih_t, w_hh_t, bias) in enumerate(self.layers):
-            gates = torch.baddbmm(bias, inp, w_ih_t)
-            if self.state is None:  # zero state: no recurrent term, c starts at 0
-                i, f, g, o = gates.split(self.H, dim=-1)
-                c = torch.sigmoid(i) * torch.tanh(g)
-            else:
-                h0, c0 = self.state[l]
-                i, f, g, o = torch.baddbmm(gates, h0, w_hh_t).split(self.H, dim=-1)
-                c = torch.sigmoid(f) * c0 + torch.sigmoid(i) * torch.tanh(g)
-            inp = torch.sigmoid(o) * torch.tanh(c)
-            new_state.append((inp, c))
-        self.state = new_state
-        w, b = self.readout
-        return torch.baddbmm(b, inp, w)
-
-
 class Stepper:
     """Single no-grad steps of K members on N sequences each, for sampling.
 
@@ -360,6 +318,11 @@ def oifg(t: Tensor, dim: int) -> Tensor:
     of an interactive training step).
     """
     return t.index_select(dim, _oifg_index(t.shape[dim] // 4, t.device))
+
+
+def torch_order(t: Tensor, dim: int) -> Tensor:
+    """The inverse of `oifg`: gate blocks (o, i, f, g) along `dim` back to PyTorch's (i, f, g, o)."""
+    return t.index_select(dim, _oifg_index(t.shape[dim] // 4, t.device).argsort())
 
 
 @cache

@@ -201,20 +201,3 @@ def test_stepper_matches_forward(spec):
     for t in range(T):
         xt = x[:, :, t].transpose(1, 2)
         assert torch.equal(alone(xt[1:2])[0], stepper(xt)[1])
-
-
-def test_prober_matches_forward_values_and_gradients():
-    from rnnrep.lstm import Prober, forward
-
-    spec = LSTMSpec(5, 4, hidden_size=6, num_layers=2)
-    flat = (torch.randn(3, spec.num_params, dtype=torch.float64) * 0.4).requires_grad_()
-    x = torch.randn(3, 2, 7, 5, dtype=torch.float64, requires_grad=True)
-    ref, _ = forward(spec, flat, x, impl="autograd")
-    prober = Prober(spec, flat)
-    out = torch.stack([prober(x[:, :, t]) for t in range(7)], dim=2)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
-    w = torch.randn_like(ref)
-    g_ref = torch.autograd.grad((ref * w).sum(), (flat, x))
-    g = torch.autograd.grad((out * w).sum(), (flat, x))
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)

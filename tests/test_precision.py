@@ -7,11 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from rnnrep import lstm
 from rnnrep.emulation.emulator import token_inputs
 from rnnrep.emulation.step import EmulationBatch, autocast, build_model, check_precision
-from rnnrep.encoders import ENCODERS
-from rnnrep.encoders.stepping import SteppedLSTM
+from rnnrep.encoders import ENCODERS, interactive
+from rnnrep.encoders.probing import InteractiveProbing, ProbingConfig
 from rnnrep.lstm import LSTMSpec, init_params
 
 FL = LSTMSpec(input_size=6, output_size=6)
@@ -61,13 +60,13 @@ def test_bf16_step_tracks_float32(name: str) -> None:
 
 def test_probes_and_members_run_in_float32_under_autocast(monkeypatch) -> None:
     seen = []
-    step = lstm.Prober.__call__
+    step = interactive._Tape._member_forward
 
-    def spy(self, x):
+    def spy(self, x, state):
         seen.append((x.dtype, torch.is_autocast_enabled("cpu")))
-        return step(self, x)
+        return step(self, x, state)
 
-    monkeypatch.setattr(lstm.Prober, "__call__", spy)
+    monkeypatch.setattr(interactive._Tape, "_member_forward", spy)
     model = build_model("interactive", FL, "formal-languages", {"hidden_size": 32}, "bf16", **SMALL["interactive"])
     model.loss(_batch(4)).backward()
     assert seen == [(torch.float32, False)] * SMALL["interactive"]["probe_length"]
@@ -78,26 +77,34 @@ def test_probes_and_members_run_in_float32_under_autocast(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("residual", [True, False])
-def test_stepped_core_under_autocast(residual: bool) -> None:
+def test_interactive_core_gemms_run_in_bf16_under_autocast(monkeypatch, residual: bool) -> None:
+    """Only the core's GEMMs: its weights' copies and row buffers in bfloat16, its bias,
+    cell and every gradient handed back in float32, and the result close to float32's."""
+    cores = []
+    init = interactive._Core.__init__
+
+    def spy(self, *args):
+        init(self, *args)
+        cores.append(self)
+
+    monkeypatch.setattr(interactive._Core, "__init__", spy)
     torch.manual_seed(0)
-    layers = nn.ModuleList(nn.LSTM(16, 16, batch_first=True) for _ in range(2))
-    x = torch.randn(5, 4, 16)
+    enc = InteractiveProbing(FL, "formal-languages", ProbingConfig(core_hidden=32, mlp_hidden=8, probe_length=4, residual=residual))
+    params = _batch().params
 
     def run(precision: str):
-        layers.zero_grad()
+        enc.zero_grad()
         with autocast(precision, "cpu"):
-            stepper = SteppedLSTM(layers, residual)
-            state, outs = None, []
-            for t in range(x.shape[1]):
-                out, state = stepper(x[:, t], state)
-                outs.append(out)
-        loss = torch.stack(outs).pow(2).sum()
+            z = enc(params)
+        loss = (z * torch.linspace(-1, 1, z.numel()).view_as(z)).sum()
         loss.backward()
-        return stepper, loss.detach(), torch.cat([p.grad.flatten() for p in layers.parameters()])
+        return loss.detach(), torch.cat([p.grad.flatten() for p in enc.parameters() if p.grad is not None])
 
-    _, loss32, grad32 = run("fp32")
-    stepper, loss16, grad16 = run("bf16")
-    assert stepper.low == torch.bfloat16 and all(w.dtype == torch.bfloat16 for w in stepper.low_weights)
+    loss32, grad32 = run("fp32")
+    loss16, grad16 = run("bf16")
+    assert all(w.dtype == torch.float32 for w in cores[0].weights[0]) and cores[0].inputs[0].dtype == torch.float32
+    w_ih, w_hh, bias = cores[1].weights[0]
+    assert w_ih.dtype == w_hh.dtype == cores[1].inputs[0].dtype == torch.bfloat16 and bias.dtype == torch.float32
     assert grad16.dtype == torch.float32 and loss16 != loss32
     torch.testing.assert_close(loss16, loss32, rtol=2e-2, atol=0)
     assert torch.cosine_similarity(grad16, grad32, dim=0) > 0.999

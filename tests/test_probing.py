@@ -19,10 +19,10 @@ TINY = {  # kind -> (member spec, config)
 }
 
 
-def tiny(encoder: type, kind: str, dtype: torch.dtype = torch.float32, **overrides: object):
-    cfg = ProbingConfig(core_hidden=12, mlp_hidden=8, probe_length=4, num_probes=2, **overrides)
+def tiny(encoder: type, kind: str, dtype: torch.dtype = torch.float32, spec: LSTMSpec | None = None, **overrides: object):
+    cfg = ProbingConfig(**{"core_hidden": 12, "mlp_hidden": 8, "probe_length": 4, "num_probes": 2, **overrides})
     torch.manual_seed(0)
-    return encoder(TINY[kind], kind, cfg).to(dtype)
+    return encoder(spec or TINY[kind], kind, cfg).to(dtype)
 
 
 def members(spec: LSTMSpec, k: int, dtype: torch.dtype = torch.float32, seed: int = 1) -> torch.Tensor:
@@ -122,43 +122,73 @@ def test_static_weight_mixes_codes_into_interactive_queries():
 
 
 def _reference_rollout(enc, params, interactive: bool):
-    """The reference's `InteractiveEncoder` loop written out with `torch.lstm_cell`: query =
-    the core's output (interactive weight 1) or the code of step t (static weight 1)."""
-    B = params.shape[0]
-    zeros = params.new_zeros(B, enc.cfg.core_hidden)
-    state = [(zeros, zeros)] * enc.cfg.core_layers
+    """The reference's `InteractiveEncoder` loop written out in autograd ops, `torch.lstm_cell`
+    for the core and `lstm.step` for the members: query = the core's output (interactive
+    weight 1, plus `static_weight` times the code of step t) or the code alone (static weight 1)."""
+    B, cfg = params.shape[0], enc.cfg
+    if cfg.learn_initial_state:
+        state = [(h.expand(B, -1), c.expand(B, -1)) for h, c in zip(enc.core.h0, enc.core.c0)]
+    else:
+        state = [(params.new_zeros(B, cfg.core_hidden),) * 2] * cfg.core_layers
 
     def core(x, state):
         new = []
         for layer, hc in zip(enc.core.layers, state):
             h, c = torch.lstm_cell(x, hc, layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0)
             new.append((h, c))
-            x = h + x
+            x = h + x if cfg.residual else h
         return x, new
 
     out, state = core(enc.bos.expand(B, -1), state)
-    member = lstm.Prober(enc.spec, params)
-    for t in range(enc.cfg.probe_length):
-        query = out if interactive else enc.codes[t].expand(B, -1)
-        out, state = core(enc.read(member(enc.decode_probes(query))), state)
+    member, probes = None, []
+    for t in range(cfg.probe_length):
+        if not interactive:
+            query = enc.codes[t].expand(B, -1)
+        else:  # the codes play no part with the paper's static weight 0
+            query = out + cfg.static_weight * enc.codes[t] if cfg.static_weight else out
+        probes.append(enc.decode_probes(query))
+        logits, member = lstm.step(enc.spec, params, probes[-1], member)
+        out, state = core(enc.read(logits), state)
     out, _ = core(enc.eos.expand(B, -1), state)
-    return enc.embed(out)
+    return enc.embed(out), torch.stack(probes, dim=2)
 
 
+VARIANTS = {  # ProbingConfig overrides on top of `tiny`'s (M = 2)
+    "plain": {},
+    "one probe": {"num_probes": 1},
+    "static weight": {"static_weight": 0.5},
+    "learned start": {"learn_initial_state": True},
+    "deeper decoder": {"mlp_layers": 2},
+    "linear decoder": {"mlp_layers": 0},
+    "not residual, 3 layers": {"residual": False, "core_layers": 3},
+}
+
+
+@pytest.mark.usefixtures("cell_path")
 @pytest.mark.parametrize("encoder", ENCODERS)
-def test_matches_the_reference_loop_values_and_gradients(encoder):
-    """Non-interactive runs member and core over whole sequences, interactive steps the
-    core in its own autograd node; both must be the reference's step-by-step loop."""
-    torch.manual_seed(0)
-    enc = tiny(encoder, "formal-languages").double()
-    params = members(TINY["formal-languages"], 3).double()
-    got = enc(params)
-    want = _reference_rollout(enc, params, interactive=encoder is InteractiveProbing)
+@pytest.mark.parametrize("kind", sorted(TINY))
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_matches_the_reference_loop_values_and_gradients(encoder, kind, variant):
+    """Non-interactive runs member and core over whole sequences, interactive runs the
+    loop as one autograd node with a hand-written backward (`rnnrep.encoders.interactive`);
+    both must be the reference's step-by-step loop, gradients to the member weights included."""
+    spec = TINY[kind]
+    if variant == "not residual, 3 layers":  # and members of 3 layers
+        spec = LSTMSpec(spec.input_size, spec.output_size, hidden_size=3, num_layers=3)
+    enc = tiny(encoder, kind, torch.float64, spec=spec, **VARIANTS[variant])
+    with torch.no_grad():  # a learned initial state off its zero start
+        enc.core.h0.normal_()
+        enc.core.c0.normal_()
+    params = members(spec, 3, torch.float64).requires_grad_()
+    got, got_probes = enc.rollout(params)
+    want, want_probes = _reference_rollout(enc, params, interactive=encoder is InteractiveProbing)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(got_probes, want_probes, atol=1e-12, rtol=0)
     w = torch.randn_like(got)
-    g_got = torch.autograd.grad((got * w).sum(), list(enc.parameters()), allow_unused=True)
-    g_want = torch.autograd.grad((want * w).sum(), list(enc.parameters()), allow_unused=True)
-    for (name, _), a, b in zip(enc.named_parameters(), g_got, g_want):
+    leaves = [params, *enc.parameters()]
+    g_got = torch.autograd.grad((got * w).sum(), leaves, allow_unused=True)
+    g_want = torch.autograd.grad((want * w).sum(), leaves, allow_unused=True)
+    for name, a, b in zip(["member params"] + [n for n, _ in enc.named_parameters()], g_got, g_want):
         assert (a is None) == (b is None), name
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=name)
@@ -179,3 +209,26 @@ def test_core_starts_from_zeros_as_the_reference_does(encoder, learn):
         assert not torch.allclose(before, after) and enc.core.h0.grad is not None
     else:  # the parameters exist (the paper's count) but play no part
         assert torch.equal(before, after) and enc.core.h0.grad is None and enc.core.c0.grad is None
+
+
+@pytest.mark.usefixtures("cell_path")
+def test_interactive_node_hands_back_only_the_gradients_asked_for():
+    """Frozen encoder: the members' gradient alone, as the reference loop gives it; members as
+    data (training): the encoder's gradients, and no work or tensor for the members."""
+    enc = tiny(InteractiveProbing, "formal-languages", torch.float64).requires_grad_(False)
+    params = members(TINY["formal-languages"], 3, torch.float64).requires_grad_()
+    (got,) = torch.autograd.grad(enc(params).pow(3).sum(), params)
+    (want,) = torch.autograd.grad(_reference_rollout(enc, params, True)[0].pow(3).sum(), params)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+    enc.requires_grad_(True)
+    data = params.detach()
+    enc(data).pow(3).sum().backward()
+    assert data.grad is None and all(p.grad is not None for n, p in enc.named_parameters() if n not in ("codes", "core.h0", "core.c0"))
+
+
+def test_interactive_rollout_backward_twice_is_a_clear_error():
+    enc = tiny(InteractiveProbing, "formal-languages")
+    loss = enc(members(TINY["formal-languages"], 2)).pow(3).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="a second time.*run the encoder again"):
+        loss.backward()

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rnnrep import lstm
+from rnnrep.encoders import interactive
 from rnnrep.encoders.common import check_positive, no_autocast, unit_norm
-from rnnrep.encoders.stepping import SteppedLSTM
 from rnnrep.lstm import LSTMSpec
 
 KINDS = ("formal-languages", "sequential-mnist")
@@ -93,8 +93,8 @@ class ResidualLSTMCore(nn.Module):
     """Stacked LSTM whose every layer adds its input to its output (the reference's `RNNCell`).
 
     Held as single-layer `nn.LSTM`s so that a whole sequence runs in the fused
-    kernel (non-interactive); `stepper` runs the same weights one step at a time
-    (interactive). The reference allocates
+    kernel (non-interactive); `rnnrep.encoders.interactive` steps the same weights
+    one input at a time (interactive). The reference allocates
     an initial state `h0`, `c0` but always starts from zeros; so does this core by
     default (the parameters exist, unused, for the paper's parameter count), and
     `learn_initial_state` trains them instead.
@@ -121,10 +121,6 @@ class ResidualLSTMCore(nn.Module):
             out, _ = layer(x, None if hc is None else (hc[0][None].contiguous(), hc[1][None].contiguous()))
             x = out + x if self.residual else out
         return x
-
-    def stepper(self) -> SteppedLSTM:
-        """The core for one rollout of single steps (`rnnrep.encoders.stepping`)."""
-        return SteppedLSTM(self.layers, self.residual)
 
 
 class _Probing(nn.Module):
@@ -192,19 +188,5 @@ class InteractiveProbing(_Probing):
     """Each probe is decoded from the core's state after the previous answer; see the module docstring."""
 
     def rollout(self, params: Tensor) -> tuple[Tensor, Tensor]:
-        B = params.shape[0]
-        core = self.core.stepper()
-        # The core's read of BOS, and so probe 0, is the same for every member: one row.
-        out, state = core(self.bos[None], self.core.initial_state(1))
-        state = [(h.expand(B, -1), c.expand(B, -1)) for h, c in state]
-        member = lstm.Prober(self.spec, params)
-        probes = []
-        for t in range(self.cfg.probe_length):
-            query = out + self.cfg.static_weight * self.codes[t] if self.cfg.static_weight else out
-            x = self.decode_probes(query).expand(B, -1, -1)  # [B, M, I]
-            with no_autocast(params):
-                logits = member(x)  # [B, M, O]
-            out, state = core(self.read(logits), state)
-            probes.append(x)
-        out, _ = core(self.eos.expand(B, -1), state)
-        return self.embed(out), torch.stack(probes, dim=2)
+        out, probes = interactive.run(self, params)
+        return self.embed(out), probes
