@@ -137,15 +137,25 @@ def _cell_forward(acts: Tensor, c_prev: Tensor) -> tuple[Tensor, Tensor, Tensor,
     return o * tanh_c, c, f, q, o * (1 - tanh_c * tanh_c)
 
 
-def _cell_backward(dh: Tensor, dc: Tensor, dc_dh: Tensor, q: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
-    """d(h), d(c) of a step (d(c) from later steps only) -> d(gates) written to `out` `[N, 4H]`, total d(c)."""
+def _cell_backward(dh: Tensor, dc: Tensor | None, f_next: Tensor | None, dc_dh: Tensor, q: Tensor, out: Tensor):
+    """A step in reverse -> d(gates) written to `out` `[N, 4H]`, and the step's total d(c).
+
+    `dh`: d(h) of the step; `dc`, `f_next`: d(c) of the next step and its forget gate, so
+    that d(c) here = dc * f_next + dh * dc_dh (`f_next` None: `dc` is already d(c) from
+    later steps; both None at the last step). The kernel writes the result over `dc`,
+    which must be the caller's to lose.
+    """
     N, G = q.shape
     kernel = cell.kernels(q)
     if kernel is not None:
-        dh, dc = dh.contiguous(), dc.clone(memory_format=torch.contiguous_format)
-        kernel[1](N, G // 4, dh.data_ptr(), dc.data_ptr(), None, dc_dh.data_ptr(), q.data_ptr(), out.data_ptr())
+        dh = dh.contiguous()
+        dc = torch.zeros_like(dh) if dc is None else dc
+        kernel[1](N, G // 4, dh.data_ptr(), dc.data_ptr(), None if f_next is None else f_next.data_ptr(),
+                  dc_dh.data_ptr(), q.data_ptr(), out.data_ptr())
         return out, dc
-    dc = dc + dh * dc_dh
+    if dc is not None and f_next is not None:
+        dc = dc * f_next
+    dc = dh * dc_dh if dc is None else dc + dh * dc_dh
     return torch.mul(q, torch.cat([dh, dc, dc, dc], dim=1), out=out), dc
 
 
@@ -195,21 +205,26 @@ class _Core:
         return inp, new
 
     def backward(self, k: int, d_top: Tensor | None, d_state: list | None, d_gates: list[Tensor]):
-        """Step k in reverse: d(top output) (None: unused) and d(state after it) -> d(input), d(state before)."""
+        """Step k in reverse: d(top output) (None: unused) and d(state after it) -> d(input), d(state before).
+
+        A state's gradient is per layer (d(h), d(c) of the step after it, that step's forget
+        gate): the cell kernel applies the gate (see `_cell_backward`).
+        """
         step = self.steps[k]
         rows = slice(step.row, step.row + step.rows)
         d_inp, d_prev = d_top, [None] * len(self.weights)
         for l in reversed(range(len(self.weights))):
             w_ih, w_hh, _ = self.weights[l]
             f, q, dc_dh, had_state = step.saved[l]
-            dh = d_inp if d_state is None else d_state[l][0] if d_inp is None else d_inp + d_state[l][0]
-            dc = torch.zeros_like(f) if d_state is None else d_state[l][1]
+            dh, dc, f_next = (d_inp, None, None) if d_state is None else d_state[l]
+            if d_state is not None and d_inp is not None:
+                dh = d_inp + dh
             buf = d_gates[l][rows]
-            d_acts, dc = _cell_backward(dh, dc, dc_dh, q, buf if buf.dtype == q.dtype else torch.empty_like(q))
+            d_acts, dc = _cell_backward(dh, dc, f_next, dc_dh, q, buf if buf.dtype == q.dtype else torch.empty_like(q))
             if d_acts is not buf:
                 buf.copy_(d_acts)
             if had_state:
-                d_prev[l] = ((buf @ w_hh).to(dc.dtype), dc * f)
+                d_prev[l] = ((buf @ w_hh).to(dc.dtype), dc, f)
             d_x = (buf @ w_ih).to(dc.dtype)
             d_inp = d_x + d_inp if self.plan.residual and d_inp is not None else d_x
         return d_inp, d_prev
@@ -346,12 +361,12 @@ class _Tape:
             if d_codes is not None:
                 d_codes[t] = plan.static_weight * d_query.sum(0)
         # the BOS step ran on one row, expanded to all members
-        d_state = [(dh.sum(0, keepdim=True), dc.sum(0, keepdim=True)) for dh, dc in d_state]
+        d_state = [(dh.sum(0, keepdim=True), (dc * f).sum(0, keepdim=True), None) for dh, dc, f in d_state]
         d_bos, d_initial = core.backward(0, d_query, d_state, d_gates)
 
         grads: list[Tensor | None] = core.weight_grads(d_gates, w.core)
         if plan.initial_state:
-            grads += [g[0] for hc in d_initial for g in hc]
+            grads += [g for dh, dc, f in d_initial for g in (dh[0], (dc * f)[0])]
         grads += [d_bos[0], d_eos.sum(0), d_codes]
         for j, rows in enumerate(dec_rows):
             d, x = (torch.cat(parts) for parts in zip(*rows))
@@ -373,14 +388,11 @@ class _Tape:
             w_ih, w_hh = self.member[l][3:]
             inp, h_prev, f, q, dc_dh = saved[l]
             B, M, H = d_h.shape
-            if d_state is None:
-                dh, dc = d_h.reshape(B * M, H), torch.zeros_like(f)
-            else:
-                dh, dc = (d_h + d_state[l][0]).view(B * M, H), d_state[l][1]
-            d_acts, dc = _cell_backward(dh, dc, dc_dh, q, torch.empty_like(q))
+            dh, dc, f_next = (d_h, None, None) if d_state is None else (d_h + d_state[l][0], *d_state[l][1:])
+            d_acts, dc = _cell_backward(dh.view(B * M, H), dc, f_next, dc_dh, q, torch.empty_like(q))
             d_acts = d_acts.view(B, M, 4 * H)
             if h_prev is not None:
-                d_prev[l] = (torch.bmm(d_acts, w_hh), dc * f)
+                d_prev[l] = (torch.bmm(d_acts, w_hh), dc, f)
             if d_member is not None:
                 d_member[3 * l] += torch.bmm(inp.transpose(1, 2), d_acts)
                 if h_prev is not None:
