@@ -472,7 +472,8 @@ class _LSTMLayer(torch.autograd.Function):
             w_x_t = w[:, :, :I].transpose(1, 2).contiguous()
             d_seq = w.new_empty(T, K, I, B)
             d_seq_t = d_seq.unbind(0)
-        d_w = w.new_zeros(K, G, D)
+        need_w = ctx.needs_input_grad[1]  # not where the members are data (probing encoders)
+        d_w = w.new_zeros(K, G, D) if need_w else None
         dc = d_cT.clone(memory_format=torch.contiguous_format)
         kernel = cell.kernels(w)
         if kernel is not None:  # byte pointers of each step's blocks, as in `_scan_steps_c`
@@ -498,7 +499,8 @@ class _LSTMLayer(torch.autograd.Function):
                 dc.addcmul_(dh, dc_dh[t])
                 torch.mul(dc.unsqueeze(1), q_ifg[t], out=d_ifg[j])
                 torch.mul(dh, q_o[t], out=d_o[j])
-            d_w.baddbmm_(d_acts[j], z_t[t])
+            if need_w:
+                d_w.baddbmm_(d_acts[j], z_t[t])
             if need_x:
                 torch.bmm(w_x_t, d_acts[j], out=d_seq_t[t])
         d_h0 = d_c0 = None

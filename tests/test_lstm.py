@@ -49,7 +49,8 @@ def test_matches_torch_modules(spec, impl, dtype, tol):
 
 @pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("with_state", [True, False])
-def test_fused_gradients_match_autograd(spec, with_state):
+@pytest.mark.parametrize("frozen", [None, "weights", "inputs"])  # weights frozen: members as data (probing)
+def test_fused_gradients_match_autograd(spec, with_state, frozen):
     K, B, T = 3, 4, 6
     g = torch.Generator().manual_seed(2)
     flat = _params(spec, K, dtype=torch.float64)
@@ -60,9 +61,10 @@ def test_fused_gradients_match_autograd(spec, with_state):
     w_h, w_c = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
     grads = {}
     for impl in lstm.IMPLS:
-        leaves = [t.clone().requires_grad_() for t in ((flat, x, h0, c0) if with_state else (flat, x))]
-        state = tuple(leaves[2:]) if with_state else None
-        logits, (h, c) = lstm.forward(spec, leaves[0], leaves[1], state, impl=impl)
+        tensors = [t.clone() for t in ((flat, x, h0, c0) if with_state else (flat, x))]
+        leaves = [t.requires_grad_() for i, t in enumerate(tensors) if (frozen, i) not in (("weights", 0), ("inputs", 1))]
+        state = tuple(tensors[2:]) if with_state else None
+        logits, (h, c) = lstm.forward(spec, tensors[0], tensors[1], state, impl=impl)
         on_outputs = (logits.tanh() * w_out).sum()
         on_state = (h * w_h).sum() + (c.sin() * w_c).sum()
         grads[impl] = [
