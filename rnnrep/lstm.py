@@ -195,7 +195,9 @@ def forward(
 
 
 def step(spec: LSTMSpec, flat: Tensor, x: Tensor, state: State | None = None) -> tuple[Tensor, State]:
-    """One differentiable time step: `x[K, B, I]` -> logits `[K, B, O]`; for probing.
+    """One differentiable time step: `x[K, B, I]` -> logits `[K, B, O]`, for inputs that
+    depend on earlier outputs (the interactive encoder has its own node for speed;
+    the tests check it against this).
 
     A single step has no time loop to fuse, and the fused layer's set-up (gate-major
     weights, buffers) then costs more than it saves: plain autograd ops are faster here
