@@ -164,7 +164,18 @@ VARIANTS = {  # ProbingConfig overrides on top of `tiny`'s (M = 2)
 }
 
 
-@pytest.mark.usefixtures("cell_path")
+@pytest.fixture
+def nan_filled_empty():
+    """`torch.empty` and friends filled with NaN, so that a buffer row left unwritten shows."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(before[0])
+    torch.utils.deterministic.fill_uninitialized_memory = before[1]
+
+
+@pytest.mark.usefixtures("cell_path", "nan_filled_empty")
 @pytest.mark.parametrize("encoder", ENCODERS)
 @pytest.mark.parametrize("kind", sorted(TINY))
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
