@@ -24,6 +24,11 @@ decoder, the read-in, the members and every gradient handed back stay float32.
 The probes come back for inspection only (not differentiable): gradients flow
 through the embedding.
 
+The node computes `InteractiveProbing`'s wiring (see `rnnrep.encoders.probing`) with
+its modules' parameters, by hand: `decode_probes`, the members' step, `read` and the
+core. `tests/test_probing.py` pins it to the reference's loop written with those
+modules, values and gradients, in float64.
+
 For the paper's encoder (core 2 x 256, 24 core steps, 64 members, 2 CPU threads) the
 forward and backward took 66.5-67.8 ms against 76.1-77.4 ms with an autograd node per
 core step and autograd ops for the rest (two runs, medians of 15, the two timed in turn

@@ -188,5 +188,7 @@ class InteractiveProbing(_Probing):
     """Each probe is decoded from the core's state after the previous answer; see the module docstring."""
 
     def rollout(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        """As `_Probing.rollout`, in one autograd node (`rnnrep.encoders.interactive`); the
+        probes are returned for inspection, without a gradient."""
         out, probes = interactive.run(self, params)
         return self.embed(out), probes
