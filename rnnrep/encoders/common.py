@@ -45,6 +45,8 @@ def no_autocast(t: Tensor) -> torch.autocast:
     and read-in, whose matmuls are tiny (interactive encoder forward + backward 69.5 ms,
     78.1 with autocast on there, 80.4 all float32); and the DWS encoder, whose layers
     are memory-bound sums and broadcasts (140 ms, 181 with autocast, 138 all float32).
+    The interactive encoder's rollout node (`rnnrep.encoders.interactive`) turns autocast
+    off itself and keeps the same split: only its core's GEMMs run in the autocast dtype.
     """
     return torch.autocast(t.device.type, enabled=False)
 

@@ -195,15 +195,16 @@ class _Core:
         R, D = x.shape
         inp, new, saved = x, [], []
         for (w_ih, w_hh, bias), buf in zip(self.weights, self.inputs):
-            buf[row : row + R, :D] = inp
-            acts = torch.addmm(bias.to(w_ih.dtype), buf[row : row + R, :D], w_ih.t())
+            x_rows, h_rows = buf[row : row + R, :D], buf[row : row + R, D:]  # in the GEMMs' dtype
+            x_rows.copy_(inp)
+            acts = torch.addmm(bias.to(w_ih.dtype), x_rows, w_ih.t())
             if state is None:
-                buf[row : row + R, D:] = 0
+                h_rows.zero_()
                 c_prev = x.new_zeros(R, D)
             else:
                 h_prev, c_prev = state[len(new)]
-                buf[row : row + R, D:] = h_prev
-                acts.addmm_(buf[row : row + R, D:], w_hh.t())
+                h_rows.copy_(h_prev)
+                acts.addmm_(h_rows, w_hh.t())
             h, c, f, q, dc_dh = _cell_forward(acts.to(x.dtype), c_prev)
             saved.append((f, q, dc_dh, state is not None))
             new.append((h, c))
