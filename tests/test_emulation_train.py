@@ -234,8 +234,10 @@ def test_train_resume_embed_and_errors(zoo3, tmp_path):
         assert line.startswith("error: ") and all(w in line for w in words), line
 
     fails(_train_args(zoo_path, run, 9, "--lr", "0.5"), "another configuration")
+    fails(_train_args(zoo_path, run, 9, "--buffer-rows", "2"), "another configuration", "buffer_rows")  # other batches
     assert (run / "config.json").read_text() == config_before
     fails(_train_args(zoo_path, tmp_path / "x", 0), "steps")
+    fails(_train_args(zoo_path, tmp_path / "x", 3, "--buffer-rows", "0"), "buffer-rows must be at least 1")
     fails(_train_args(zoo_path, tmp_path / "x", 3, "--precision", "fp16"), "unknown precision 'fp16'", "fp32, bf16")
     fails([*_train_args(zoo_path, tmp_path / "x", 3)[:-6], "--encoder", "nope"], "unknown encoder")
     fails([*_train_args(zoo_path, tmp_path / "x", 3), "--encoder-opt", "augment=layer"],

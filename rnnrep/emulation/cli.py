@@ -40,6 +40,7 @@ def train_cmd(
     val_every: Annotated[Optional[int], typer.Option(help="Validate (and checkpoint) every N steps.")] = None,
     val_rows: Annotated[Optional[int], typer.Option(help="Rows of val and of ood evaluated.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Members per step, all workers together.")] = None,
+    buffer_rows: Annotated[Optional[int], typer.Option(help="Rows of the training shuffle buffer (default 1024). A train split that fits is decoded once: faster steps, more memory; a larger split streams through windows of this size.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation, batches and augmentation.")] = None,
     encoder_opt: Annotated[Optional[list[str]], typer.Option(help="Encoder setting KEY=VALUE (repeatable), e.g. hidden=[64].")] = None,
@@ -52,7 +53,7 @@ def train_cmd(
     try:
         cfg = train_config(
             preset, zoo=str(zoo), encoder=encoder, steps=steps, loss=loss, precision=precision, workers=workers,
-            gpus_per_worker=gpus_per_worker, val_every=val_every, val_rows=val_rows, batch_size=batch_size,
+            gpus_per_worker=gpus_per_worker, val_every=val_every, val_rows=val_rows, batch_size=batch_size, buffer_rows=buffer_rows,
             lr=lr, seed=seed, encoder_overrides=_options(encoder_opt, "--encoder-opt") or None,
             emulator=_options(emulator_opt, "--emulator-opt") or None,
         )
