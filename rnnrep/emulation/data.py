@@ -16,6 +16,12 @@ itself is index arithmetic on seeded generators, so:
 - with W data-parallel workers, rank r takes the r-th slice of each global batch of
   B rows, so W workers together train on the same 64 members per step as one.
 
+Why not a Ray Dataset shard (`ray.train.get_dataset_shard`), as DESIGN.md first planned:
+Ray Data's streaming shuffle cannot seek, so a resumed run could not see the batches an
+unbroken run saw, and on a small machine its read tasks wait for CPUs that the training
+workers hold (RAY-NOTES). Each worker reads its rows straight from the Parquet files
+instead; `Zoo.to_ray()` still gives the zoo as a Ray Dataset for other uses.
+
 Validation set (`fixed_batches`): the first `rows` rows of a split in file order,
 each with one rollout drawn from a fixed seed: the same members and rollouts at
 every evaluation, in every run.
