@@ -37,6 +37,9 @@ class EmulatorConfig:
     embedding_size: int = 16
     hidden_size: int = 256
     num_layers: int = 2
+    # start every layer's forget-gate biases (bias_ih and bias_hh) at 1, so the state is
+    # carried from the first step: the reference's default (`--emulator_open_gate_init 1`)
+    open_forget_gates: bool = True
 
 
 class Emulator(nn.Module):
@@ -49,6 +52,12 @@ class Emulator(nn.Module):
         self.input_projection = nn.Linear(input_size, cfg.hidden_size)
         self.lstm = nn.LSTM(cfg.hidden_size, cfg.hidden_size, cfg.num_layers, batch_first=True)
         self.output_projection = nn.Linear(cfg.hidden_size, output_size)
+        if cfg.open_forget_gates:
+            H = cfg.hidden_size
+            with torch.no_grad():
+                for l in range(cfg.num_layers):
+                    getattr(self.lstm, f"bias_ih_l{l}")[H : 2 * H] = 1.0
+                    getattr(self.lstm, f"bias_hh_l{l}")[H : 2 * H] = 1.0
 
     def forward(self, z: Tensor, inputs: Tensor) -> Tensor:
         """Teacher-forced logits `[B, T, O]` for embeddings `z[B, E]` and inputs `[B, T, I]`."""
