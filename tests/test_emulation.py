@@ -19,17 +19,6 @@ def test_paper_parameter_counts(io, expected):
     assert num_params(Emulator(*io, EmulatorConfig())) == expected
 
 
-@pytest.mark.parametrize("open_gates", [True, False])
-def test_forget_gates_start_open_as_the_reference_does(open_gates):
-    """The reference's `open_forget_gates`: every layer's forget-gate bias_ih and bias_hh at 1."""
-    emu = Emulator(6, 6, EmulatorConfig(hidden_size=8, open_forget_gates=open_gates))
-    for l in range(2):
-        for name in ("bias_ih", "bias_hh"):
-            gates = getattr(emu.lstm, f"{name}_l{l}").view(4, 8)  # PyTorch's order i, f, g, o
-            assert torch.equal(gates[1] == 1, torch.full((8,), open_gates)), (name, l)
-            assert not (gates[[0, 2, 3]] == 1).any()
-
-
 def test_token_inputs_drop_the_last_token():
     seq = torch.tensor([[4, 0, 1, 5], [4, 2, 5, 5]], dtype=torch.int8)
     x = token_inputs(seq, 6)

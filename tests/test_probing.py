@@ -222,18 +222,6 @@ def test_core_starts_from_zeros_as_the_reference_does(encoder, learn):
         assert torch.equal(before, after) and enc.core.h0.grad is None and enc.core.c0.grad is None
 
 
-@pytest.mark.parametrize("encoder", ENCODERS)
-@pytest.mark.parametrize("open_gates", [True, False])
-def test_core_forget_gates_start_open_as_the_reference_does(encoder, open_gates):
-    """The reference sets each core layer's forget-gate bias_ih to 1 (its bias_hh slice is empty, so that one stays random)."""
-    enc = tiny(encoder, "formal-languages", open_forget_gates=open_gates)
-    D = enc.cfg.core_hidden
-    for layer in enc.core.layers:
-        gates_ih, gates_hh = layer.bias_ih_l0.view(4, D), layer.bias_hh_l0.view(4, D)  # PyTorch's order i, f, g, o
-        assert torch.equal(gates_ih[1] == 1, torch.full((D,), open_gates))
-        assert not (gates_ih[[0, 2, 3]] == 1).any() and not (gates_hh == 1).any()
-
-
 @pytest.mark.usefixtures("cell_path")
 def test_interactive_node_hands_back_only_the_gradients_asked_for():
     """Frozen encoder: the members' gradient alone, as the reference loop gives it; members as

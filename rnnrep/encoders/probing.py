@@ -61,10 +61,6 @@ class ProbingConfig:
     residual: bool = True
     static_weight: float = 0.0
     learn_initial_state: bool = False  # the reference starts the core from zeros
-    # start each core layer's forget-gate input bias (bias_ih) at 1, as the reference's
-    # `open_recurrent_connections` does by default (`--encoder_open_gate_init 1`; it means
-    # to set bias_hh too, but its slice there is empty, so bias_hh keeps its random init)
-    open_forget_gates: bool = True
 
     def __post_init__(self) -> None:
         check_positive(self, "embedding_size", "core_hidden", "core_layers", "mlp_hidden", "num_probes", "probe_length")
@@ -101,18 +97,14 @@ class ResidualLSTMCore(nn.Module):
     one input at a time (interactive). The reference allocates
     an initial state `h0`, `c0` but always starts from zeros; so does this core by
     default (the parameters exist, unused, for the paper's parameter count), and
-    `learn_initial_state` trains them instead.
+    `learn_initial_state` trains them instead. Its LSTMs keep PyTorch's initialisation:
+    the reference's `--encoder_open_gate_init` would set the forget-gate biases to 1, but
+    its training configs set it to 0.
     """
 
-    def __init__(
-        self, size: int, num_layers: int, residual: bool, learn_initial_state: bool = False, open_forget_gates: bool = False
-    ) -> None:
+    def __init__(self, size: int, num_layers: int, residual: bool, learn_initial_state: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(nn.LSTM(size, size, batch_first=True) for _ in range(num_layers))
-        if open_forget_gates:  # see ProbingConfig.open_forget_gates
-            with torch.no_grad():
-                for layer in self.layers:
-                    layer.bias_ih_l0[size : 2 * size] = 1.0
         self.h0 = nn.Parameter(torch.zeros(num_layers, size))
         self.c0 = nn.Parameter(torch.zeros(num_layers, size))
         self.residual = residual
@@ -141,7 +133,7 @@ class _Probing(nn.Module):
         _check_kind(kind)
         self.spec, self.kind, self.cfg = spec, kind, cfg
         D, E, M = cfg.core_hidden, cfg.mlp_hidden, cfg.num_probes
-        self.core = ResidualLSTMCore(D, cfg.core_layers, cfg.residual, cfg.learn_initial_state, cfg.open_forget_gates)
+        self.core = ResidualLSTMCore(D, cfg.core_layers, cfg.residual, cfg.learn_initial_state)
         self.bos = nn.Parameter(torch.zeros(D))
         self.eos = nn.Parameter(torch.zeros(D))
         # L + 1 codes as in the reference, which queries only the first L of them.
